@@ -1,0 +1,305 @@
+// CPU implementation of the torchrec_tt ops (schemas in ../schema.cpp).
+//
+// Each call dedupes the ids and arranges them as a prefix tree (tt_plan.h), so every distinct
+// prefix product G_1[i_1]...G_k[i_k] is computed once, then walks the tree level by level with
+// at::parallel_for over nodes. Backward walks it in reverse; the gradient of each core slice is
+// summed by exactly one thread (nodes are grouped by digit), so no atomics and the result does
+// not depend on the thread count.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+
+#include "../tt_checks.h"
+#include "tt_gemm.h"
+#include "tt_plan.h"
+
+namespace torchrec_tt::cpu {
+namespace {
+
+constexpr int64_t kNodeGrain = 8;
+constexpr int64_t kBagGrain = 64;
+
+// Partial products P_k[j] (m_k x r_{k+1}, m_k = q_0...q_k) of the prefix-tree nodes of levels 0..last.
+template <typename T>
+struct Partials {
+  const T* core0 = nullptr;
+  std::vector<std::vector<T>> level;
+  std::vector<int64_t> stride;  // elements per node at level k
+
+  const T* node(const TTPlan& plan, int64_t k, int64_t j) const {
+    return k == 0 ? core0 + plan.digit[0][j] * stride[0] : level[k].data() + j * stride[k];
+  }
+};
+
+template <typename T>
+Partials<T> compute_partials(const TTShape& s, const TTPlan& plan, at::TensorList cores, int64_t last) {
+  Partials<T> P;
+  P.core0 = cores[0].data_ptr<T>();
+  P.level.resize(last + 1);
+  P.stride.resize(last + 1);
+  int64_t m = s.q[0];
+  P.stride[0] = m * s.r[1];
+  for (int64_t k = 1; k <= last; ++k) {
+    const int64_t m_prev = m;
+    m *= s.q[k];
+    P.stride[k] = m * s.r[k + 1];
+    P.level[k].assign(plan.level_size(k) * P.stride[k], T(0));
+    const T* core = cores[k].data_ptr<T>();
+    const int64_t slice = s.slice_numel(k);
+    at::parallel_for(0, plan.level_size(k), kNodeGrain, [&](int64_t lo, int64_t hi) {
+      for (int64_t j = lo; j < hi; ++j) {
+        gemm_nn_acc(P.level[k].data() + j * P.stride[k], P.node(plan, k - 1, plan.parent[k][j]),
+                    core + plan.digit[k][j] * slice, m_prev, s.r[k], s.q[k] * s.r[k + 1]);
+      }
+    });
+  }
+  return P;
+}
+
+// Coefficient of id `pos` in its bag's pooled output.
+template <typename T>
+inline T pool_coef(const TTPlan& plan, const T* psw, bool mean, int64_t pos) {
+  T c = psw ? psw[pos] : T(1);
+  if (mean) c /= static_cast<T>(plan.bag_valid[plan.bag_of[pos]]);
+  return c;
+}
+
+template <typename T>
+at::Tensor forward_impl(const TTShape& s, const TTPlan& plan, at::TensorList cores,
+                        const std::optional<at::Tensor>& psw_opt, bool mean) {
+  auto out = at::zeros({plan.num_bags, s.embedding_dim}, cores[0].options());
+  const auto P = compute_partials<T>(s, plan, cores, s.d - 1);
+  const at::Tensor psw_t = psw_opt.has_value() ? psw_opt->contiguous() : at::Tensor();
+  const T* psw = psw_t.defined() ? psw_t.data_ptr<T>() : nullptr;
+  T* o = out.data_ptr<T>();
+  const int64_t D = s.embedding_dim;
+  at::parallel_for(0, plan.num_bags, kBagGrain, [&](int64_t lo, int64_t hi) {
+    for (int64_t b = lo; b < hi; ++b) {
+      T* ob = o + b * D;
+      for (int64_t pos = plan.bag_start[b]; pos < plan.bag_start[b + 1]; ++pos) {
+        const int64_t u = plan.slot[pos];
+        if (u < 0) continue;
+        const T c = pool_coef(plan, psw, mean, pos);
+        const T* row = P.node(plan, s.d - 1, u);
+        for (int64_t e = 0; e < D; ++e) ob[e] += c * row[e];
+      }
+    }
+  });
+  return out;
+}
+
+// Reverse walk of the prefix tree. on_slice(k, digit, grad) receives the full gradient of core
+// slice G_k[digit] exactly once, after the last read of core k: it may update the core in place.
+template <typename T, typename OnSlice>
+void backward_impl(const TTShape& s, const TTPlan& plan, at::TensorList cores, const at::Tensor& grad_out,
+                   const std::optional<at::Tensor>& psw_opt, bool mean, T* psw_grad, OnSlice on_slice) {
+  const int64_t D = s.embedding_dim;
+  const auto P = compute_partials<T>(s, plan, cores, psw_grad ? s.d - 1 : s.d - 2);
+  const at::Tensor psw_t = psw_opt.has_value() ? psw_opt->contiguous() : at::Tensor();
+  const T* psw = psw_t.defined() ? psw_t.data_ptr<T>() : nullptr;
+  const auto g_t = grad_out.contiguous();
+  const T* g = g_t.data_ptr<T>();
+
+  if (psw_grad) {
+    at::parallel_for(0, static_cast<int64_t>(plan.slot.size()), kBagGrain, [&](int64_t lo, int64_t hi) {
+      for (int64_t pos = lo; pos < hi; ++pos) {
+        const int64_t u = plan.slot[pos];
+        if (u < 0) continue;
+        const T* row = P.node(plan, s.d - 1, u);
+        const T* gb = g + plan.bag_of[pos] * D;
+        T dot = 0;
+        for (int64_t e = 0; e < D; ++e) dot += row[e] * gb[e];
+        psw_grad[pos] = mean ? dot / static_cast<T>(plan.bag_valid[plan.bag_of[pos]]) : dot;
+      }
+    });
+  }
+
+  // Gradient of each unique row: its occurrences' bag gradients, weighted.
+  std::vector<T> d_cur(plan.num_unique() * D, T(0));
+  at::parallel_for(0, plan.num_unique(), kNodeGrain, [&](int64_t lo, int64_t hi) {
+    for (int64_t u = lo; u < hi; ++u) {
+      T* du = d_cur.data() + u * D;
+      for (int64_t o = plan.occ_start[u]; o < plan.occ_start[u + 1]; ++o) {
+        const int64_t pos = plan.occ[o];
+        const T c = pool_coef(plan, psw, mean, pos);
+        const T* gb = g + plan.bag_of[pos] * D;
+        for (int64_t e = 0; e < D; ++e) du[e] += c * gb[e];
+      }
+    }
+  });
+
+  int64_t m = D;
+  for (int64_t k = s.d - 1; k >= 1; --k) {
+    const int64_t n = s.q[k] * s.r[k + 1];  // columns of a slice G_k[i] viewed r_k x (q_k r_{k+1})
+    m /= s.q[k];                            // m_{k-1}
+    const T* core = cores[k].data_ptr<T>();
+    const int64_t slice = s.slice_numel(k);
+    // dP_{k-1}[parent] = sum over children of dP_k[child] @ G_k[digit]^T (reads core k: before its update).
+    std::vector<T> d_prev(plan.level_size(k - 1) * m * s.r[k], T(0));
+    const auto& fc = plan.first_child[k - 1];
+    at::parallel_for(0, plan.level_size(k - 1), kNodeGrain, [&](int64_t lo, int64_t hi) {
+      for (int64_t jp = lo; jp < hi; ++jp) {
+        for (int64_t j = fc[jp]; j < fc[jp + 1]; ++j) {
+          gemm_nt_acc(d_prev.data() + jp * m * s.r[k], d_cur.data() + j * m * n,
+                      core + plan.digit[k][j] * slice, m, s.r[k], n);
+        }
+      }
+    });
+    // dG_k[v] = sum over nodes with digit v of P_{k-1}[parent]^T @ dP_k[node]; one thread per slice.
+    const auto& start = plan.by_digit_start[k];
+    const auto& order = plan.by_digit[k];
+    at::parallel_for(0, s.p[k], kNodeGrain, [&](int64_t lo, int64_t hi) {
+      std::vector<T> buf(slice);
+      for (int64_t v = lo; v < hi; ++v) {
+        if (start[v] == start[v + 1]) continue;
+        std::fill(buf.begin(), buf.end(), T(0));
+        for (int64_t t = start[v]; t < start[v + 1]; ++t) {
+          const int64_t j = order[t];
+          gemm_tn_acc(buf.data(), P.node(plan, k - 1, plan.parent[k][j]), d_cur.data() + j * m * n, m, s.r[k], n);
+        }
+        on_slice(k, v, buf.data());
+      }
+    });
+    d_cur.swap(d_prev);
+  }
+  // Level 0 nodes have distinct digits: their gradient is the core-0 slice gradient.
+  at::parallel_for(0, plan.level_size(0), kNodeGrain, [&](int64_t lo, int64_t hi) {
+    for (int64_t j = lo; j < hi; ++j) on_slice(0, plan.digit[0][j], d_cur.data() + j * s.slice_numel(0));
+  });
+}
+
+template <typename T>
+void apply_fused_update(FusedOptimizer opt, T* w, T* state, int64_t numel, const T* grad, T lr, T eps) {
+  switch (opt) {
+    case FusedOptimizer::kSgd:
+      for (int64_t e = 0; e < numel; ++e) w[e] -= lr * grad[e];
+      break;
+    case FusedOptimizer::kAdagrad:
+      for (int64_t e = 0; e < numel; ++e) {
+        state[e] += grad[e] * grad[e];
+        w[e] -= lr * grad[e] / (std::sqrt(state[e]) + eps);
+      }
+      break;
+    case FusedOptimizer::kRowwiseAdagrad: {  // one accumulator per core slice (the slice is the "row")
+      T sq = 0;
+      for (int64_t e = 0; e < numel; ++e) sq += grad[e] * grad[e];
+      *state += sq / static_cast<T>(numel);
+      const T scale = lr / (std::sqrt(*state) + eps);
+      for (int64_t e = 0; e < numel; ++e) w[e] -= scale * grad[e];
+      break;
+    }
+  }
+}
+
+struct Args {
+  TTShape shape;
+  TTPlan plan;
+};
+
+Args prepare(const std::string& table, at::TensorList cores, const at::Tensor& indices, const at::Tensor& offsets,
+             const std::optional<at::Tensor>& psw, int64_t num_embeddings, int64_t pooling_mode,
+             bool include_last_offset, int64_t bounds_check_mode, bool backward) {
+  Args a;
+  a.shape = check_tt_args(table, cores, indices, offsets, psw, num_embeddings, pooling_mode, include_last_offset,
+                          bounds_check_mode);
+  TT_CHECK(cores[0].device().is_cpu(), VALUE, table, "CPU kernel called with cores on ", cores[0].device());
+  // Backward drops what forward was told to drop (an error would already have been raised there).
+  const auto mode = backward ? BoundsCheckMode::kIgnore : static_cast<BoundsCheckMode>(bounds_check_mode);
+  a.plan = build_plan(table, a.shape, indices, offsets, psw, include_last_offset, mode, backward);
+  return a;
+}
+
+at::Tensor tt_embedding_bag(at::TensorList cores, const at::Tensor& indices, const at::Tensor& offsets,
+                            const std::optional<at::Tensor>& psw, int64_t num_embeddings, int64_t pooling_mode,
+                            bool include_last_offset, int64_t bounds_check_mode, c10::string_view table_name) {
+  const std::string table(table_name);
+  const auto a = prepare(table, cores, indices, offsets, psw, num_embeddings, pooling_mode, include_last_offset,
+                         bounds_check_mode, false);
+  at::Tensor out;
+  AT_DISPATCH_FLOATING_TYPES(cores[0].scalar_type(), "tt_embedding_bag_cpu", [&] {
+    out = forward_impl<scalar_t>(a.shape, a.plan, cores, psw, pooling_mode == 1);
+  });
+  return out;
+}
+
+at::Tensor tt_embedding_bag_fused(at::TensorList cores, at::TensorList optimizer_state, const at::Tensor& indices,
+                                  const at::Tensor& offsets, const std::optional<at::Tensor>& psw,
+                                  int64_t num_embeddings, int64_t pooling_mode, bool include_last_offset,
+                                  int64_t bounds_check_mode, c10::string_view optimizer, double learning_rate,
+                                  double eps, c10::string_view table_name) {
+  const std::string table(table_name);
+  const auto opt = parse_optimizer(table, std::string(optimizer));
+  check_tt_args(table, cores, indices, offsets, psw, num_embeddings, pooling_mode, include_last_offset,
+                bounds_check_mode);
+  check_optimizer_state(table, opt, cores, optimizer_state, learning_rate, eps);
+  return tt_embedding_bag(cores, indices, offsets, psw, num_embeddings, pooling_mode, include_last_offset,
+                          bounds_check_mode, table_name);
+}
+
+std::tuple<std::vector<at::Tensor>, at::Tensor> tt_embedding_bag_backward(
+    const at::Tensor& grad_output, at::TensorList cores, const at::Tensor& indices, const at::Tensor& offsets,
+    const std::optional<at::Tensor>& psw, int64_t num_embeddings, int64_t pooling_mode, bool include_last_offset,
+    bool psw_grad, c10::string_view table_name) {
+  const std::string table(table_name);
+  const auto a = prepare(table, cores, indices, offsets, psw, num_embeddings, pooling_mode, include_last_offset,
+                         0, true);
+  check_grad_output(table, grad_output, a.plan.num_bags, a.shape, cores[0]);
+  TT_CHECK(!psw_grad || psw.has_value(), VALUE, table, "per_sample_weights_grad needs per_sample_weights");
+  std::vector<at::Tensor> grads;
+  for (const auto& c : cores) grads.push_back(at::zeros_like(c));
+  at::Tensor grad_psw = psw_grad ? at::zeros_like(*psw) : at::empty({0}, cores[0].options());
+  AT_DISPATCH_FLOATING_TYPES(cores[0].scalar_type(), "tt_embedding_bag_backward_cpu", [&] {
+    std::vector<scalar_t*> gp;
+    for (auto& t : grads) gp.push_back(t.data_ptr<scalar_t>());
+    backward_impl<scalar_t>(a.shape, a.plan, cores, grad_output, psw, pooling_mode == 1,
+                            psw_grad ? grad_psw.data_ptr<scalar_t>() : nullptr,
+                            [&](int64_t k, int64_t v, const scalar_t* gs) {
+                              const int64_t n = a.shape.slice_numel(k);
+                              std::copy(gs, gs + n, gp[k] + v * n);
+                            });
+  });
+  return {grads, grad_psw};
+}
+
+void tt_embedding_bag_backward_fused_(const at::Tensor& grad_output, at::TensorList cores,
+                                      at::TensorList optimizer_state, const at::Tensor& indices,
+                                      const at::Tensor& offsets, const std::optional<at::Tensor>& psw,
+                                      int64_t num_embeddings, int64_t pooling_mode, bool include_last_offset,
+                                      c10::string_view optimizer, double learning_rate, double eps,
+                                      c10::string_view table_name) {
+  const std::string table(table_name);
+  const auto opt = parse_optimizer(table, std::string(optimizer));
+  const auto a = prepare(table, cores, indices, offsets, psw, num_embeddings, pooling_mode, include_last_offset,
+                         0, true);
+  check_grad_output(table, grad_output, a.plan.num_bags, a.shape, cores[0]);
+  check_optimizer_state(table, opt, cores, optimizer_state, learning_rate, eps);
+  AT_DISPATCH_FLOATING_TYPES(cores[0].scalar_type(), "tt_embedding_bag_backward_fused_cpu", [&] {
+    std::vector<scalar_t*> w, st;
+    for (const auto& t : cores) w.push_back(t.data_ptr<scalar_t>());
+    for (const auto& t : optimizer_state) st.push_back(t.data_ptr<scalar_t>());
+    const auto lr = static_cast<scalar_t>(learning_rate);
+    const auto ep = static_cast<scalar_t>(eps);
+    backward_impl<scalar_t>(
+        a.shape, a.plan, cores, grad_output, psw, pooling_mode == 1, nullptr,
+        [&](int64_t k, int64_t v, const scalar_t* gs) {
+          const int64_t n = a.shape.slice_numel(k);
+          scalar_t* state = nullptr;
+          if (opt == FusedOptimizer::kAdagrad) state = st[k] + v * n;
+          if (opt == FusedOptimizer::kRowwiseAdagrad) state = st[k] + v;
+          apply_fused_update<scalar_t>(opt, w[k] + v * n, state, n, gs, lr, ep);
+        });
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(torchrec_tt, CPU, m) {
+  m.impl("tt_embedding_bag", &tt_embedding_bag);
+  m.impl("tt_embedding_bag_fused", &tt_embedding_bag_fused);
+  m.impl("tt_embedding_bag_backward", &tt_embedding_bag_backward);
+  m.impl("tt_embedding_bag_backward_fused_", &tt_embedding_bag_backward_fused_);
+}
+
+}  // namespace torchrec_tt::cpu

@@ -1,0 +1,37 @@
+// Operator schemas of the torchrec_tt library: one block, implementations live per device
+// (cpu/*.cpp, cuda/*.cu). Python binds them in torchrec_tt/ops.py.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// `import torchrec_tt._C` loads this shared object, which runs the registrations below.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(torchrec_tt, m) {
+  // Pooled TT lookup. Cores: d >= 2 tensors [p_k, r_{k-1}, q_k, r_k] (r_0 = r_d = 1).
+  // pooling_mode: 0 sum, 1 mean. bounds_check_mode: 0 error, 1 warn and drop, 2 drop silently.
+  m.def(
+      "tt_embedding_bag(Tensor[] cores, Tensor indices, Tensor offsets, Tensor? per_sample_weights, "
+      "int num_embeddings, int pooling_mode, bool include_last_offset, int bounds_check_mode, "
+      "str table_name) -> Tensor");
+  // Dense gradients of the cores (and of per_sample_weights when asked) for torch.optim users.
+  m.def(
+      "tt_embedding_bag_backward(Tensor grad_output, Tensor[] cores, Tensor indices, Tensor offsets, "
+      "Tensor? per_sample_weights, int num_embeddings, int pooling_mode, bool include_last_offset, "
+      "bool per_sample_weights_grad, str table_name) -> (Tensor[], Tensor)");
+  // Same forward as tt_embedding_bag; its autograd formula updates the cores in place (fused optimizer).
+  m.def(
+      "tt_embedding_bag_fused(Tensor[] cores, Tensor[] optimizer_state, Tensor indices, Tensor offsets, "
+      "Tensor? per_sample_weights, int num_embeddings, int pooling_mode, bool include_last_offset, "
+      "int bounds_check_mode, str optimizer, float learning_rate, float eps, str table_name) -> Tensor");
+  // Backward with the optimizer step fused in: only the touched core slices are read and written.
+  // optimizer: "sgd" (no state), "adagrad" (state shaped like each core), "rowwise_adagrad" ([p_k] per core).
+  m.def(
+      "tt_embedding_bag_backward_fused_(Tensor grad_output, Tensor(a!)[] cores, Tensor(b!)[] optimizer_state, "
+      "Tensor indices, Tensor offsets, Tensor? per_sample_weights, int num_embeddings, int pooling_mode, "
+      "bool include_last_offset, str optimizer, float learning_rate, float eps, str table_name) -> ()");
+}

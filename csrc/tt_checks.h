@@ -1,0 +1,59 @@
+// Argument checks shared by every device implementation. Each error names the table and the
+// problem, and is raised before anything is written, so a rejected batch leaves cores and
+// optimizer state untouched.
+#pragma once
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+
+#include <string>
+#include <vector>
+
+namespace torchrec_tt {
+
+enum class PoolingMode : int64_t { kSum = 0, kMean = 1 };
+// Same values as fbgemm_gpu's BoundsCheckMode (FATAL, WARNING, IGNORE); NONE is not offered.
+enum class BoundsCheckMode : int64_t { kError = 0, kWarn = 1, kIgnore = 2 };
+enum class FusedOptimizer { kSgd, kAdagrad, kRowwiseAdagrad };
+
+// Shapes of a TT table, read off its cores: core k is [p_k, r_{k-1}, q_k, r_k].
+struct TTShape {
+  int64_t d = 0;
+  int64_t num_embeddings = 0;
+  int64_t embedding_dim = 0;
+  std::vector<int64_t> p, q, r;  // r has d + 1 entries, r[0] = r[d] = 1
+  // Size of one slice G_k[i_k] (r_{k-1} * q_k * r_k) and of the partial product at level k.
+  int64_t slice_numel(int64_t k) const { return r[k] * q[k] * r[k + 1]; }
+};
+
+// Validates metadata (dtypes, devices, ranks, sizes); values are checked by the device code.
+TTShape check_tt_args(
+    const std::string& table,
+    at::TensorList cores,
+    const at::Tensor& indices,
+    const at::Tensor& offsets,
+    const std::optional<at::Tensor>& per_sample_weights,
+    int64_t num_embeddings,
+    int64_t pooling_mode,
+    bool include_last_offset,
+    int64_t bounds_check_mode);
+
+// Number of bags described by `offsets` under the include_last_offset convention.
+int64_t num_bags(const at::Tensor& offsets, bool include_last_offset);
+
+void check_grad_output(const std::string& table, const at::Tensor& grad, int64_t bags, const TTShape& s,
+                       const at::Tensor& like);
+
+FusedOptimizer parse_optimizer(const std::string& table, const std::string& name);
+
+void check_optimizer_state(const std::string& table, FusedOptimizer opt, at::TensorList cores,
+                           at::TensorList state, double learning_rate, double eps);
+
+// Checks the values of offsets (and per_sample_weights) on the host: first offset 0,
+// non-decreasing, consistent with the number of ids; weights finite.
+void check_offsets_values(const std::string& table, const int64_t* offsets, int64_t count,
+                          int64_t num_ids, bool include_last_offset);
+
+}  // namespace torchrec_tt
+
+#define TT_CHECK(cond, kind, table, ...) \
+  TORCH_CHECK_##kind(cond, "torchrec_tt: table '", table, "': ", __VA_ARGS__)

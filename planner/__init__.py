@@ -1,0 +1,1 @@
+"""TT-aware planning for TorchRec's sharding planner (installed as ``torchrec_tt.planner``)."""

@@ -1,0 +1,1 @@
+"""TT embedding modules."""

@@ -1,0 +1,180 @@
+"""Python face of the ``torchrec_tt`` custom ops (C++ schemas in ``csrc/schema.cpp``).
+
+This layer only binds: it turns friendly arguments into the schema's integers, registers fake
+kernels (shape functions, so ``torch.compile`` can trace the ops) and the autograd formulas.
+
+Offsets convention (as ``torch.nn.EmbeddingBag``): with ``include_last_offset=False`` there is one
+offset per bag, ``offsets[0] == 0``, and the last bag runs to the end of ``indices``; with
+``include_last_offset=True`` there are B + 1 offsets and the last equals ``len(indices)``
+(TorchRec's KJT form). Offsets must be non-decreasing; empty bags pool to zeros.
+"""
+from __future__ import annotations
+
+import enum
+import math
+from typing import List, Optional, Sequence, Union
+
+import torch
+
+from . import _C  # noqa: F401  (loading the extension registers the ops)
+
+__all__ = [
+    "BoundsCheckMode",
+    "FUSED_OPTIMIZERS",
+    "pooling_mode",
+    "tt_embedding_bag",
+    "tt_embedding_bag_fused",
+]
+
+_ops = torch.ops.torchrec_tt
+
+# Fused optimizers run inside backward; anything else goes through torch.optim on dense gradients.
+FUSED_OPTIMIZERS = ("sgd", "adagrad", "rowwise_adagrad")
+
+
+class BoundsCheckMode(enum.IntEnum):
+    """What to do with ids outside ``[0, num_embeddings)``; values match fbgemm_gpu's enum."""
+
+    FATAL = 0  # raise IndexError naming the table, the id and its position (default)
+    WARNING = 1  # drop the id from its bag and warn
+    IGNORE = 2  # drop the id silently
+
+    @classmethod
+    def parse(cls, mode: Union[str, int, "BoundsCheckMode"]) -> "BoundsCheckMode":
+        if isinstance(mode, str):
+            names = {"error": cls.FATAL, "fatal": cls.FATAL, "warn": cls.WARNING, "warning": cls.WARNING,
+                     "ignore": cls.IGNORE}
+            if mode.lower() not in names:
+                raise ValueError(f"unknown bounds_check_mode {mode!r}; use one of {sorted(names)}")
+            return names[mode.lower()]
+        try:
+            return cls(int(getattr(mode, "value", mode)))
+        except ValueError:
+            raise ValueError(f"unsupported bounds_check_mode {mode!r} (TT kernels always check ids: "
+                             "FATAL, WARNING or IGNORE)") from None
+
+
+def pooling_mode(mode: str) -> int:
+    modes = {"sum": 0, "mean": 1}
+    if mode not in modes:
+        raise ValueError(f"unsupported pooling mode {mode!r}; TT tables support 'sum' and 'mean'")
+    return modes[mode]
+
+
+def tt_embedding_bag(
+    cores: Sequence[torch.Tensor],
+    indices: torch.Tensor,
+    offsets: torch.Tensor,
+    per_sample_weights: Optional[torch.Tensor] = None,
+    *,
+    num_embeddings: int,
+    mode: str = "sum",
+    include_last_offset: bool = False,
+    bounds_check_mode: Union[str, int, BoundsCheckMode] = BoundsCheckMode.FATAL,
+    table_name: str = "tt_table",
+) -> torch.Tensor:
+    """Pooled lookup of a TT table: [num_bags, prod(q)]. Gradients flow to the cores as dense tensors."""
+    return _ops.tt_embedding_bag(
+        list(cores), indices, offsets, per_sample_weights, num_embeddings, pooling_mode(mode),
+        include_last_offset, int(BoundsCheckMode.parse(bounds_check_mode)), table_name)
+
+
+def tt_embedding_bag_fused(
+    cores: Sequence[torch.Tensor],
+    optimizer_state: Sequence[torch.Tensor],
+    indices: torch.Tensor,
+    offsets: torch.Tensor,
+    per_sample_weights: Optional[torch.Tensor] = None,
+    *,
+    num_embeddings: int,
+    optimizer: str,
+    learning_rate: float,
+    eps: float = 1e-8,
+    mode: str = "sum",
+    include_last_offset: bool = False,
+    bounds_check_mode: Union[str, int, BoundsCheckMode] = BoundsCheckMode.FATAL,
+    table_name: str = "tt_table",
+) -> torch.Tensor:
+    """Same lookup; its backward applies ``optimizer`` to the touched core slices in place and
+    returns no gradient for the cores (as FBGEMM's fused TBE)."""
+    if per_sample_weights is not None and per_sample_weights.requires_grad:
+        raise ValueError(f"torchrec_tt: table '{table_name}': gradients for per_sample_weights are not "
+                         "available with a fused optimizer; detach them or use optimizer=None")
+    return _ops.tt_embedding_bag_fused(
+        list(cores), list(optimizer_state), indices, offsets, per_sample_weights, num_embeddings,
+        pooling_mode(mode), include_last_offset, int(BoundsCheckMode.parse(bounds_check_mode)), optimizer,
+        float(learning_rate), float(eps), table_name)
+
+
+# ---- fake kernels (shapes only) ----------------------------------------------------------------
+
+def _pooled_shape(cores: List[torch.Tensor], offsets: torch.Tensor, include_last_offset: bool):
+    bags = offsets.shape[0] - 1 if include_last_offset else offsets.shape[0]
+    return bags, math.prod(c.shape[2] for c in cores)
+
+
+@torch.library.register_fake("torchrec_tt::tt_embedding_bag")
+def _(cores, indices, offsets, per_sample_weights, num_embeddings, pooling_mode, include_last_offset,
+      bounds_check_mode, table_name):
+    return cores[0].new_empty(_pooled_shape(cores, offsets, include_last_offset))
+
+
+@torch.library.register_fake("torchrec_tt::tt_embedding_bag_fused")
+def _(cores, optimizer_state, indices, offsets, per_sample_weights, num_embeddings, pooling_mode,
+      include_last_offset, bounds_check_mode, optimizer, learning_rate, eps, table_name):
+    return cores[0].new_empty(_pooled_shape(cores, offsets, include_last_offset))
+
+
+@torch.library.register_fake("torchrec_tt::tt_embedding_bag_backward")
+def _(grad_output, cores, indices, offsets, per_sample_weights, num_embeddings, pooling_mode,
+      include_last_offset, per_sample_weights_grad, table_name):
+    grad_psw = (torch.empty_like(per_sample_weights) if per_sample_weights_grad
+                else cores[0].new_empty((0,)))
+    return [torch.empty_like(c) for c in cores], grad_psw
+
+
+@torch.library.register_fake("torchrec_tt::tt_embedding_bag_backward_fused_")
+def _(grad_output, cores, optimizer_state, indices, offsets, per_sample_weights, num_embeddings,
+      pooling_mode, include_last_offset, optimizer, learning_rate, eps, table_name):
+    return None
+
+
+# ---- autograd ------------------------------------------------------------------------------------
+
+def _setup_context(ctx, inputs, output):
+    cores, indices, offsets, psw, num_embeddings, pooling, include_last_offset, _, table_name = inputs
+    ctx.num_cores = len(cores)
+    ctx.psw_grad = psw is not None and psw.requires_grad
+    ctx.args = (num_embeddings, pooling, include_last_offset)
+    ctx.table_name = table_name
+    ctx.save_for_backward(indices, offsets, psw, *cores)
+
+
+def _backward(ctx, grad):
+    indices, offsets, psw, *cores = ctx.saved_tensors
+    core_grads, grad_psw = _ops.tt_embedding_bag_backward(
+        grad, cores, indices, offsets, psw, *ctx.args, ctx.psw_grad, ctx.table_name)
+    return core_grads, None, None, grad_psw if ctx.psw_grad else None, None, None, None, None, None
+
+
+torch.library.register_autograd("torchrec_tt::tt_embedding_bag", _backward, setup_context=_setup_context)
+
+
+def _fused_setup_context(ctx, inputs, output):
+    (cores, state, indices, offsets, psw, num_embeddings, pooling, include_last_offset, _, optimizer,
+     learning_rate, eps, table_name) = inputs
+    # Kept by reference: backward updates these very tensors in place.
+    ctx.cores, ctx.state = list(cores), list(state)
+    ctx.args = (num_embeddings, pooling, include_last_offset, optimizer, learning_rate, eps, table_name)
+    ctx.save_for_backward(indices, offsets, psw)
+
+
+def _fused_backward(ctx, grad):
+    indices, offsets, psw = ctx.saved_tensors
+    with torch.no_grad():
+        _ops.tt_embedding_bag_backward_fused_(grad, ctx.cores, ctx.state, indices, offsets, psw, *ctx.args)
+    return (None,) * 13
+
+
+torch.library.register_autograd("torchrec_tt::tt_embedding_bag_fused", _fused_backward,
+                                setup_context=_fused_setup_context)

@@ -19,12 +19,14 @@ def _want_cuda() -> bool:
 
 def _extension():
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O3", "-fopenmp-simd", "-std=c++20"]
+    # -fopenmp: at::parallel_for is an inline OpenMP region; without it the loops run serially.
+    cxx = ["-O3", "-fopenmp", "-std=c++20"]
     if _want_cuda():
         sources += sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
         nvcc = ["-O3", "--use_fast_math", "-std=c++20", "--expt-relaxed-constexpr"]
-        return CUDAExtension("torchrec_tt._C", sources, extra_compile_args={"cxx": cxx + ["-DTORCHREC_TT_CUDA"], "nvcc": nvcc})
-    return CppExtension("torchrec_tt._C", sources, extra_compile_args={"cxx": cxx})
+        return CUDAExtension("torchrec_tt._C", sources, extra_compile_args={"cxx": cxx + ["-DTORCHREC_TT_CUDA"], "nvcc": nvcc},
+                             extra_link_args=["-fopenmp"])
+    return CppExtension("torchrec_tt._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
 
 
 setup(

@@ -173,7 +173,7 @@ def _fused_backward(ctx, grad):
     indices, offsets, psw = ctx.saved_tensors
     with torch.no_grad():
         _ops.tt_embedding_bag_backward_fused_(grad, ctx.cores, ctx.state, indices, offsets, psw, *ctx.args)
-    return (None,) * 13
+    return [None] * len(ctx.cores), [None] * len(ctx.state), *([None] * 11)
 
 
 torch.library.register_autograd("torchrec_tt::tt_embedding_bag_fused", _fused_backward,

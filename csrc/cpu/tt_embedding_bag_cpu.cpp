@@ -136,14 +136,25 @@ void backward_impl(const TTShape& s, const TTPlan& plan, at::TensorList cores, c
     m /= s.q[k];                            // m_{k-1}
     const T* core = cores[k].data_ptr<T>();
     const int64_t slice = s.slice_numel(k);
-    // dP_{k-1}[parent] = sum over children of dP_k[child] @ G_k[digit]^T (reads core k: before its update).
-    std::vector<T> d_prev(plan.level_size(k - 1) * m * s.r[k], T(0));
+    // dP_{k-1}[parent] = sum over children of dP_k[child] @ G_k[digit]^T (reads core k: before its
+    // update). Per-child products first, in parallel over children (skewed ids put most children
+    // under a few parents), then a cheap per-parent sum.
+    const int64_t block = m * s.r[k];
+    std::vector<T> per_child(plan.level_size(k) * block, T(0));
+    at::parallel_for(0, plan.level_size(k), kNodeGrain, [&](int64_t lo, int64_t hi) {
+      for (int64_t j = lo; j < hi; ++j) {
+        gemm_nt_acc(per_child.data() + j * block, d_cur.data() + j * m * n, core + plan.digit[k][j] * slice, m,
+                    s.r[k], n);
+      }
+    });
+    std::vector<T> d_prev(plan.level_size(k - 1) * block, T(0));
     const auto& fc = plan.first_child[k - 1];
     at::parallel_for(0, plan.level_size(k - 1), kNodeGrain, [&](int64_t lo, int64_t hi) {
       for (int64_t jp = lo; jp < hi; ++jp) {
+        T* dst = d_prev.data() + jp * block;
         for (int64_t j = fc[jp]; j < fc[jp + 1]; ++j) {
-          gemm_nt_acc(d_prev.data() + jp * m * s.r[k], d_cur.data() + j * m * n,
-                      core + plan.digit[k][j] * slice, m, s.r[k], n);
+          const T* src = per_child.data() + j * block;
+          for (int64_t e = 0; e < block; ++e) dst[e] += src[e];
         }
       }
     });

@@ -1,0 +1,290 @@
+"""The C++ TT op against the pure-PyTorch reference and dense reconstruction, its fused
+optimizers against torch.optim on dense gradients, and its error handling."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import torchrec_tt  # noqa: F401
+from torchrec_tt import TTEmbeddingBag, ops
+from torchrec_tt.reference import tt_embedding_bag_reference, tt_full_weight
+
+torch.set_num_threads(2)
+OPS = torch.ops.torchrec_tt
+
+
+def random_cores(p, q, ranks, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(p[k], ranks[k], q[k], ranks[k + 1], generator=g, dtype=dtype) / math.sqrt(ranks[k + 1])
+            for k in range(len(p))]
+
+
+@st.composite
+def tt_batches(draw):
+    d = draw(st.integers(2, 4))
+    p = [draw(st.integers(1, 5)) for _ in range(d)]
+    q = [draw(st.integers(1, 3)) for _ in range(d)]
+    ranks = [1] + [draw(st.integers(1, 4)) for _ in range(d - 1)] + [1]
+    n_rows = draw(st.integers(1, math.prod(p)))
+    lengths = draw(st.lists(st.integers(0, 6), min_size=0, max_size=6))
+    if not lengths and draw(st.booleans()):
+        lengths = [0]
+    ids = draw(st.lists(st.integers(0, n_rows - 1), min_size=sum(lengths), max_size=sum(lengths)))
+    return dict(p=p, q=q, ranks=ranks, n_rows=n_rows, lengths=lengths, ids=ids,
+                mode=draw(st.sampled_from(["sum", "mean"])), weighted=draw(st.booleans()),
+                include_last=draw(st.booleans()), index_dtype=draw(st.sampled_from([torch.int32, torch.int64])),
+                seed=draw(st.integers(0, 2**16)))
+
+
+def make_inputs(b):
+    lengths = torch.tensor(b["lengths"], dtype=torch.int64)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
+    if not b["include_last"]:
+        offsets = offsets[:-1]
+    ids = torch.tensor(b["ids"], dtype=b["index_dtype"])
+    offsets = offsets.to(b["index_dtype"])
+    g = torch.Generator().manual_seed(b["seed"])
+    psw = torch.rand(len(b["ids"]), generator=g, dtype=torch.float64) + 0.5 if b["weighted"] else None
+    return ids, offsets, psw
+
+
+@settings(max_examples=150, deadline=None)
+@given(tt_batches())
+def test_forward_and_gradients_match_reference(b):
+    cores = [c.requires_grad_() for c in random_cores(b["p"], b["q"], b["ranks"], seed=b["seed"])]
+    ids, offsets, psw = make_inputs(b)
+    if psw is not None:
+        psw.requires_grad_()
+    kw = dict(mode=b["mode"], include_last_offset=b["include_last"])
+    out = ops.tt_embedding_bag(cores, ids, offsets, psw, num_embeddings=b["n_rows"], **kw)
+    ref = tt_embedding_bag_reference(cores, ids, offsets, psw, **kw)
+    torch.testing.assert_close(out, ref)
+
+    # dense reconstruction through torch's own EmbeddingBag (sum mode supports weights there)
+    if psw is None or b["mode"] == "sum":
+        dense = F.embedding_bag(ids.long(), tt_full_weight(cores, b["n_rows"]), offsets.long(), mode=b["mode"],
+                                per_sample_weights=psw, include_last_offset=b["include_last"])
+        torch.testing.assert_close(out, dense)
+
+    grad = torch.randn_like(out)
+    inputs = cores + ([psw] if psw is not None else [])
+    got = torch.autograd.grad(out, inputs, grad, allow_unused=True)
+    # the reference returns a constant for batches without ids: every gradient is then zero
+    want = torch.autograd.grad(ref, inputs, grad, allow_unused=True) if ref.requires_grad else [None] * len(inputs)
+    for g_got, g_want in zip(got, want):
+        torch.testing.assert_close(g_got, torch.zeros_like(g_got) if g_want is None else g_want)
+
+
+def test_float32_matches_float64():
+    p, q, ranks = [7, 6, 5], [2, 3, 3], [1, 5, 4, 1]
+    cores64 = random_cores(p, q, ranks)
+    cores32 = [c.float() for c in cores64]
+    ids = torch.randint(0, 200, (300,))
+    offsets = torch.arange(0, 300, 3)
+    out32 = ops.tt_embedding_bag(cores32, ids, offsets, num_embeddings=200)
+    out64 = ops.tt_embedding_bag(cores64, ids, offsets, num_embeddings=200)
+    torch.testing.assert_close(out32, out64.float(), rtol=1e-5, atol=1e-5)
+
+
+def test_result_independent_of_thread_count():
+    p, q, ranks = [20, 20, 20], [2, 2, 4], [1, 8, 8, 1]
+    cores = [c.float().requires_grad_() for c in random_cores(p, q, ranks)]
+    ids = (torch.distributions.Pareto(1.0, 1.0).sample((2000,)).long() - 1).clamp(max=7999)
+    offsets = torch.arange(0, 2000, 2)
+    results = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        out = ops.tt_embedding_bag(cores, ids, offsets, num_embeddings=8000)
+        results.append([out] + list(torch.autograd.grad(out.square().sum(), cores)))
+    torch.set_num_threads(2)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+# ---- fused optimizers ----------------------------------------------------------------------------
+
+def rowwise_adagrad_step(cores, grads, states, lr, eps):
+    for c, g, s in zip(cores, grads, states):
+        s += g.square().flatten(1).mean(1)
+        c -= lr * g / (s.sqrt() + eps).view(-1, 1, 1, 1)
+
+
+@pytest.mark.parametrize("name", ["sgd", "adagrad", "rowwise_adagrad"])
+@pytest.mark.parametrize("mode", ["sum", "mean"])
+def test_fused_step_equals_optimizer_on_dense_gradients(name, mode):
+    lr, eps = 0.05, 1e-8
+    fused = TTEmbeddingBag(500, 12, tt_ranks=[4, 3], tt_p_shapes=[8, 8, 8], tt_q_shapes=[3, 2, 2], mode=mode,
+                           optimizer=ops and torchrec_tt.FusedOptimizerConfig(name, lr, eps), dtype=torch.float64)
+    plain = TTEmbeddingBag(500, 12, tt_ranks=[4, 3], tt_p_shapes=[8, 8, 8], tt_q_shapes=[3, 2, 2], mode=mode,
+                           dtype=torch.float64)
+    plain.load_state_dict({k: v for k, v in fused.state_dict().items() if k.startswith("cores")})
+    if name == "sgd":
+        opt = torch.optim.SGD(plain.parameters(), lr=lr)
+    elif name == "adagrad":
+        opt = torch.optim.Adagrad(plain.parameters(), lr=lr, eps=eps)
+    else:
+        states = [torch.zeros(c.shape[0], dtype=c.dtype) for c in plain.cores]
+    g = torch.Generator().manual_seed(1)
+    for step in range(3):
+        ids = torch.randint(0, 500, (40,), generator=g)
+        ids[:10] = 3  # duplicates share slices
+        offsets = torch.tensor([0, 5, 5, 17, 30])
+        psw = torch.rand(40, generator=g, dtype=torch.float64)
+        target = torch.randn(5, 12, generator=g, dtype=torch.float64)
+        (fused(ids, offsets, psw) - target).square().sum().backward()
+        assert all(c.grad is None for c in fused.cores), "fused mode must not leave dense gradients"
+        loss = (plain(ids, offsets, psw) - target).square().sum()
+        if name == "rowwise_adagrad":
+            grads = torch.autograd.grad(loss, list(plain.cores))
+            with torch.no_grad():
+                rowwise_adagrad_step(list(plain.cores), grads, states, lr, eps)
+        else:
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        for a, b in zip(fused.cores, plain.cores):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    if name == "rowwise_adagrad":
+        for a, b in zip(fused.optimizer_state(), states):
+            torch.testing.assert_close(a, b)
+    if name == "adagrad":
+        for a, c in zip(fused.optimizer_state(), plain.cores):
+            torch.testing.assert_close(a, opt.state[c]["sum"])
+
+
+def test_fused_state_is_checkpointed():
+    t = TTEmbeddingBag(100, 8, tt_ranks=4, optimizer="rowwise_adagrad")
+    t(torch.tensor([1, 2, 3]), torch.tensor([0])).sum().backward()
+    sd = t.state_dict()
+    assert any(k.startswith("optimizer_state_") for k in sd)
+    u = TTEmbeddingBag(100, 8, tt_ranks=4, optimizer="rowwise_adagrad")
+    u.load_state_dict(sd)
+    for a, b in zip(t.optimizer_state(), u.optimizer_state()):
+        assert torch.equal(a, b) and a.abs().sum() > 0
+
+
+@pytest.mark.parametrize("bad", ["adam", "lamb", "EXACT_ADAM", "partial_rowwise_adam"])
+def test_unsupported_fused_optimizer_rejected_by_name(bad):
+    with pytest.raises(ValueError, match=f"unsupported fused optimizer '{bad}'"):
+        TTEmbeddingBag(100, 8, optimizer=bad)
+    t = TTEmbeddingBag(100, 8)
+    with pytest.raises(ValueError, match=f"table 'tt_table': unsupported fused optimizer '{bad}'"):
+        ops.tt_embedding_bag_fused(list(t.cores), [], torch.tensor([1]), torch.tensor([0]), num_embeddings=100,
+                                   optimizer=bad, learning_rate=0.1)
+
+
+def test_fbgemm_optimizer_names_map_exactly():
+    assert torchrec_tt.FusedOptimizerConfig("EXACT_ROWWISE_ADAGRAD").name == "rowwise_adagrad"
+    assert torchrec_tt.FusedOptimizerConfig("EXACT_SGD").name == "sgd"
+
+
+# ---- custom-op plumbing --------------------------------------------------------------------------
+
+def test_opcheck():
+    cores = [c.float().requires_grad_() for c in random_cores([4, 3, 5], [2, 1, 3], [1, 3, 2, 1])]
+    ids = torch.tensor([0, 5, 59, 5, 12, 33])
+    offsets = torch.tensor([0, 2, 2, 6])
+    psw = torch.rand(6, requires_grad=True)
+    torch.library.opcheck(OPS.tt_embedding_bag.default, (cores, ids, offsets, psw, 60, 0, True, 0, "t"))
+    torch.library.opcheck(OPS.tt_embedding_bag.default, (cores, ids.int(), offsets[:-1].int(), None, 60, 1, False, 0, "t"))
+    grad = torch.randn(3, 6)
+    torch.library.opcheck(OPS.tt_embedding_bag_backward.default,
+                          (grad, [c.detach() for c in cores], ids, offsets, psw.detach(), 60, 0, True, True, "t"))
+    state = [torch.zeros(c.shape[0]) for c in cores]
+    torch.library.opcheck(OPS.tt_embedding_bag_backward_fused_.default,
+                          (grad, [c.detach().clone() for c in cores], state, ids, offsets, None, 60, 1, True,
+                           "rowwise_adagrad", 0.1, 1e-8, "t"))
+
+
+def test_torch_compile_traces_module():
+    t = TTEmbeddingBag(1000, 16, tt_ranks=4)
+    ids, offsets = torch.randint(0, 1000, (64,)), torch.arange(0, 64, 4)
+    compiled = torch.compile(t, backend="aot_eager", fullgraph=True)
+    out = compiled(ids, offsets)
+    torch.testing.assert_close(out, t(ids, offsets))
+    out.sum().backward()
+    assert all(c.grad is not None for c in t.cores)
+
+
+# ---- bad input: clear errors, state untouched ----------------------------------------------------
+
+BAD_INPUTS = [
+    ("id_too_large", dict(ids=[1, 2, 100]), IndexError, r"table 'users': id 100 at position 2 is out of range \[0, 100\)"),
+    ("negative_id", dict(ids=[1, -3, 4]), IndexError, r"table 'users': negative id -3 at position 1"),
+    ("decreasing_offsets", dict(offsets=[0, 2, 1]), ValueError, r"table 'users': offsets must be non-decreasing"),
+    ("offsets_not_at_zero", dict(offsets=[1, 2]), ValueError, r"table 'users': offsets must start at 0"),
+    ("offset_past_end", dict(offsets=[0, 5]), ValueError, r"table 'users': the last offset \(5\) is beyond"),
+    ("float_ids", dict(ids=[1.0, 2.0, 3.0]), TypeError, r"table 'users': indices must be int32 or int64"),
+    ("float_offsets", dict(offsets=[0.0, 1.0]), TypeError, r"table 'users': offsets must be int32 or int64"),
+    ("nan_weight", dict(psw=[1.0, float("nan"), 1.0]), ValueError, r"table 'users': per_sample_weights contains NaN"),
+    ("inf_weight", dict(psw=[1.0, float("inf"), 1.0]), ValueError, r"per_sample_weights contains NaN or infinity"),
+    ("short_weights", dict(psw=[1.0, 1.0]), ValueError, r"table 'users': per_sample_weights must be 1-D with one weight per id"),
+    ("double_weights", dict(psw=torch.ones(3, dtype=torch.float64)), TypeError, r"table 'users': per_sample_weights has dtype Double"),
+    ("ids_2d_offsets", dict(ids=[[1, 2, 3]], offsets=[0]), ValueError, r"table 'users': offsets must be None when input is 2-D"),
+]
+
+
+@pytest.mark.parametrize("optimizer", [None, "adagrad"])
+@pytest.mark.parametrize("case,change,exc,msg", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
+def test_bad_input_raises_and_leaves_state_untouched(case, change, exc, msg, optimizer):
+    t = TTEmbeddingBag(100, 8, tt_ranks=4, name="users", optimizer=optimizer)
+    t(torch.tensor([1, 2, 3]), torch.tensor([0, 1])).sum().backward()  # non-trivial state
+    before = {k: v.clone() for k, v in t.state_dict().items()}
+    ids = change.get("ids", [1, 2, 3])
+    ids = torch.tensor(ids) if not isinstance(ids, torch.Tensor) else ids
+    offsets = torch.tensor(change.get("offsets", [0, 1]))
+    psw = change.get("psw")
+    psw = torch.tensor(psw) if isinstance(psw, list) else psw
+    with pytest.raises(exc, match=msg):
+        t(ids, offsets, psw).sum().backward()
+    for k, v in t.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_include_last_offset_must_cover_all_ids():
+    t = TTEmbeddingBag(100, 8, tt_ranks=4, include_last_offset=True, name="items")
+    with pytest.raises(ValueError, match=r"table 'items': with include_last_offset=True the last offset \(2\) must equal"):
+        t(torch.tensor([1, 2, 3]), torch.tensor([0, 2]))
+
+
+def test_bad_grad_output_is_rejected():
+    cores = [c.float() for c in random_cores([4, 4], [2, 2], [1, 2, 1])]
+    with pytest.raises(ValueError, match=r"table 't': grad_output must have shape \[2, 4\]"):
+        OPS.tt_embedding_bag_backward(torch.ones(3, 4), cores, torch.tensor([1, 2]), torch.tensor([0, 1]), None,
+                                      16, 0, False, False, "t")
+
+
+def test_malformed_cores_are_rejected():
+    good = [c.float() for c in random_cores([4, 4], [2, 2], [1, 2, 1])]
+    with pytest.raises(ValueError, match="has input rank 3 but the previous output rank is 2"):
+        ops.tt_embedding_bag([good[0], torch.zeros(4, 3, 2, 1)], torch.tensor([1]), torch.tensor([0]), num_embeddings=16)
+    with pytest.raises(ValueError, match=r"num_embeddings=17 must be in \[1, prod\(p_shapes\)=16\]"):
+        ops.tt_embedding_bag(good, torch.tensor([1]), torch.tensor([0]), num_embeddings=17)
+    with pytest.raises(ValueError, match="at least 2 cores"):
+        ops.tt_embedding_bag(good[:1], torch.tensor([1]), torch.tensor([0]), num_embeddings=4)
+
+
+@pytest.mark.parametrize("mode", ["warn", "ignore"])
+def test_lenient_bounds_check_drops_bad_ids(mode):
+    t = TTEmbeddingBag(100, 8, tt_ranks=4, mode="mean", bounds_check_mode=mode, name="ads")
+    ids, offsets = torch.tensor([1, 200, 3, -1, -5]), torch.tensor([0, 3])
+    if mode == "warn":
+        with pytest.warns(UserWarning, match=r"table 'ads': dropped 3 of 5 ids"):
+            out = t(ids, offsets)
+    else:
+        out = t(ids, offsets)
+    want = t(torch.tensor([1, 3]), torch.tensor([0, 2]))
+    torch.testing.assert_close(out, want)
+    out.sum().backward()  # backward skips the dropped ids too
+
+
+def test_empty_batch_and_empty_bags():
+    t = TTEmbeddingBag(100, 7, tt_ranks=3, mode="mean")
+    out = t(torch.tensor([], dtype=torch.int64), torch.tensor([0, 0, 0]))
+    assert out.shape == (3, 7) and not out.any()
+    out.sum().backward()
+    assert all(torch.count_nonzero(c.grad) == 0 for c in t.cores)
+    assert t(torch.tensor([], dtype=torch.int64), torch.tensor([], dtype=torch.int64)).shape == (0, 7)

@@ -1,0 +1,36 @@
+# make test : create .venv with pinned dependencies, build the extension, run the test suite
+# make demo : same setup, then the demo
+# make bench: the CPU op benchmark (writes out/bench_cpu.json)
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# fbgemm_gpu 1.8.0 is the one that loads against torch 2.13; the CUDA build only where a GPU is.
+FBGEMM := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo fbgemm-gpu==1.8.0 || echo fbgemm-gpu-cpu==1.8.0)
+THREADS ?= 2
+
+.PHONY: test demo bench build clean
+
+$(VENV)/.deps: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q -U pip "setuptools>=70" wheel
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q $(FBGEMM) -r requirements.txt
+	$(PIP) install -q --no-deps torchrec==1.8.0
+	touch $@
+
+build: $(VENV)/.deps
+	$(PIP) install -q --no-build-isolation -e .
+
+test: build
+	$(PY) -m pytest -q tests
+
+demo: build
+	$(PY) examples/demo_tt_table.py --threads $(THREADS)
+
+bench: build
+	mkdir -p out
+	$(PY) examples/benchmark_tt_embedding.py --threads $(THREADS) --json out/bench_cpu.json
+
+clean:
+	rm -rf build *.egg-info torchrec_tt/*.so $(VENV)

@@ -137,14 +137,27 @@ void backward_impl(const TTShape& s, const TTPlan& plan, at::TensorList cores, c
     const T* core = cores[k].data_ptr<T>();
     const int64_t slice = s.slice_numel(k);
     // dP_{k-1}[parent] = sum over children of dP_k[child] @ G_k[digit]^T (reads core k: before its
-    // update). Per-child products first, in parallel over children (skewed ids put most children
-    // under a few parents), then a cheap per-parent sum.
+    // update). The touched slices are transposed once so the products vectorise along r_k; the
+    // per-child products run in parallel over children (skewed ids put most children under a few
+    // parents), then a cheap per-parent sum.
+    const auto& start = plan.by_digit_start[k];
+    const auto& order = plan.by_digit[k];
+    std::vector<T> core_t(s.p[k] * slice);
+    at::parallel_for(0, s.p[k], kNodeGrain, [&](int64_t lo, int64_t hi) {
+      for (int64_t v = lo; v < hi; ++v) {
+        if (start[v] == start[v + 1]) continue;
+        const T* src = core + v * slice;
+        T* dst = core_t.data() + v * slice;
+        for (int64_t a = 0; a < s.r[k]; ++a)
+          for (int64_t b = 0; b < n; ++b) dst[b * s.r[k] + a] = src[a * n + b];
+      }
+    });
     const int64_t block = m * s.r[k];
     std::vector<T> per_child(plan.level_size(k) * block, T(0));
     at::parallel_for(0, plan.level_size(k), kNodeGrain, [&](int64_t lo, int64_t hi) {
       for (int64_t j = lo; j < hi; ++j) {
-        gemm_nt_acc(per_child.data() + j * block, d_cur.data() + j * m * n, core + plan.digit[k][j] * slice, m,
-                    s.r[k], n);
+        gemm_nn_acc(per_child.data() + j * block, d_cur.data() + j * m * n,
+                    core_t.data() + plan.digit[k][j] * slice, m, n, s.r[k]);
       }
     });
     std::vector<T> d_prev(plan.level_size(k - 1) * block, T(0));
@@ -159,8 +172,6 @@ void backward_impl(const TTShape& s, const TTPlan& plan, at::TensorList cores, c
       }
     });
     // dG_k[v] = sum over nodes with digit v of P_{k-1}[parent]^T @ dP_k[node]; one thread per slice.
-    const auto& start = plan.by_digit_start[k];
-    const auto& order = plan.by_digit[k];
     at::parallel_for(0, s.p[k], kNodeGrain, [&](int64_t lo, int64_t hi) {
       std::vector<T> buf(slice);
       for (int64_t v = lo; v < hi; ++v) {

@@ -10,9 +10,6 @@ namespace torchrec_tt::cpu {
   /* C[r, n] += A[m, r]^T @ B[m, n] */                                                                     \
   TT_MULTIVERSION void gemm_tn_acc(T* c, const T* a, const T* b, int64_t m, int64_t r, int64_t n) {      \
     rank_update<T>(c, a, 1, r, b, r, m, n);                                                               \
-  }                                                                                                       \
-  TT_MULTIVERSION void gemm_nt_acc(T* c, const T* a, const T* b, int64_t m, int64_t k, int64_t n) {     \
-    dot_rows<T>(c, a, b, m, k, n);                                                                        \
   }
 TT_DEFINE_GEMMS(float)
 TT_DEFINE_GEMMS(double)

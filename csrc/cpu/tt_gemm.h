@@ -38,46 +38,12 @@ inline __attribute__((always_inline)) void rank_update(T* __restrict__ c, const 
   }
 }
 
-// C[m, k] += A[m, n] @ B[k, n]^T: dot products over the contiguous n, four at a time so the
-// reductions run as independent chains.
-template <typename T>
-inline __attribute__((always_inline)) void dot_rows(T* __restrict__ c, const T* __restrict__ a,
-                                                       const T* __restrict__ b, int64_t m, int64_t k,
-                                                       int64_t n) {
-  for (int64_t i = 0; i < m; ++i) {
-    const T* ai = a + i * n;
-    int64_t l = 0;
-    for (; l + 4 <= k; l += 4) {
-      const T* b0 = b + l * n;
-      T s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-#pragma omp simd reduction(+ : s0, s1, s2, s3)
-      for (int64_t j = 0; j < n; ++j) {
-        s0 += ai[j] * b0[j];
-        s1 += ai[j] * b0[n + j];
-        s2 += ai[j] * b0[2 * n + j];
-        s3 += ai[j] * b0[3 * n + j];
-      }
-      c[i * k + l] += s0;
-      c[i * k + l + 1] += s1;
-      c[i * k + l + 2] += s2;
-      c[i * k + l + 3] += s3;
-    }
-    for (; l < k; ++l) {
-      const T* bl = b + l * n;
-      T s = 0;
-#pragma omp simd reduction(+ : s)
-      for (int64_t j = 0; j < n; ++j) s += ai[j] * bl[j];
-      c[i * k + l] += s;
-    }
-  }
-}
-
 // Entry points, one per dtype; tt_gemm.cpp compiles each for several ISAs (the template body is
 // inlined into each clone) and the loader picks the best one for the running CPU.
 #define TT_DECLARE_GEMMS(T)                                                             \
   void gemm_nn_acc(T* c, const T* a, const T* b, int64_t m, int64_t k, int64_t n);  \
-  void gemm_tn_acc(T* c, const T* a, const T* b, int64_t m, int64_t r, int64_t n);  \
-  void gemm_nt_acc(T* c, const T* a, const T* b, int64_t m, int64_t k, int64_t n);
+  void gemm_tn_acc(T* c, const T* a, const T* b, int64_t m, int64_t r, int64_t n);
+
 TT_DECLARE_GEMMS(float)
 TT_DECLARE_GEMMS(double)
 #undef TT_DECLARE_GEMMS

@@ -11,13 +11,15 @@ namespace {
 
 template <typename Id>
 void collect_valid_ids(const std::string& table, const TTShape& s, const Id* ids, int64_t n,
-                       BoundsCheckMode mode, std::vector<std::pair<int64_t, int64_t>>& keys) {
+                       BoundsCheckMode mode, std::vector<int64_t>& keys, std::vector<int64_t>& pos) {
   keys.reserve(n);
+  pos.reserve(n);
   int64_t dropped = 0;
   for (int64_t i = 0; i < n; ++i) {
     const int64_t id = static_cast<int64_t>(ids[i]);
     if (id >= 0 && id < s.num_embeddings) {
-      keys.emplace_back(id, i);
+      keys.push_back(id);
+      pos.push_back(i);
       continue;
     }
     TT_CHECK(mode != BoundsCheckMode::kError, INDEX, table, id < 0 ? "negative id " : "id ", id,
@@ -27,6 +29,32 @@ void collect_valid_ids(const std::string& table, const TTShape& s, const Id* ids
   if (dropped > 0 && mode == BoundsCheckMode::kWarn) {
     TORCH_WARN("torchrec_tt: table '", table, "': dropped ", dropped, " of ", n, " ids outside [0, ",
                s.num_embeddings, ")");
+  }
+}
+
+// Stable LSD radix sort of (key, value) pairs by key, keys in [0, max_key): a few linear passes,
+// much cheaper than a comparison sort for the batch sizes of embedding lookups.
+void radix_sort_pairs(std::vector<int64_t>& keys, std::vector<int64_t>& vals, int64_t max_key) {
+  constexpr int kBits = 11;
+  constexpr int64_t kBuckets = int64_t(1) << kBits;
+  const size_t n = keys.size();
+  std::vector<int64_t> k2(n), v2(n), count(kBuckets);
+  for (int shift = 0; shift < 64 && (max_key - 1) >> shift > 0; shift += kBits) {
+    std::fill(count.begin(), count.end(), 0);
+    for (size_t i = 0; i < n; ++i) ++count[(keys[i] >> shift) & (kBuckets - 1)];
+    int64_t sum = 0;
+    for (auto& c : count) {
+      const int64_t here = c;
+      c = sum;
+      sum += here;
+    }
+    for (size_t i = 0; i < n; ++i) {
+      const int64_t dst = count[(keys[i] >> shift) & (kBuckets - 1)]++;
+      k2[dst] = keys[i];
+      v2[dst] = vals[i];
+    }
+    keys.swap(k2);
+    vals.swap(v2);
   }
 }
 
@@ -47,14 +75,14 @@ TTPlan build_plan(const std::string& table, const TTShape& s, const at::Tensor& 
   }
   plan.num_bags = num_bags(offsets, include_last_offset);
 
-  std::vector<std::pair<int64_t, int64_t>> keys;  // (id, position), valid ids only
+  std::vector<int64_t> keys, positions;  // valid ids and where they occur, sorted by id
   const auto ids = indices.contiguous();
   if (ids.scalar_type() == at::kLong) {
-    collect_valid_ids(table, s, ids.data_ptr<int64_t>(), n, mode, keys);
+    collect_valid_ids(table, s, ids.data_ptr<int64_t>(), n, mode, keys, positions);
   } else {
-    collect_valid_ids(table, s, ids.data_ptr<int32_t>(), n, mode, keys);
+    collect_valid_ids(table, s, ids.data_ptr<int32_t>(), n, mode, keys, positions);
   }
-  std::sort(keys.begin(), keys.end());
+  radix_sort_pairs(keys, positions, s.num_embeddings);
 
   plan.bag_of.assign(n, -1);
   plan.slot.assign(n, -1);
@@ -75,8 +103,8 @@ TTPlan build_plan(const std::string& table, const TTShape& s, const at::Tensor& 
   std::vector<int64_t> last_prefix(s.d, -1);
   plan.occ.reserve(keys.size());
   for (size_t i = 0; i < keys.size(); ++i) {
-    const int64_t id = keys[i].first;
-    const int64_t pos = keys[i].second;
+    const int64_t id = keys[i];
+    const int64_t pos = positions[i];
     if (id != last_prefix[s.d - 1]) {
       plan.occ_start.push_back(static_cast<int64_t>(i));
       bool new_branch = false;  // once a prefix changes, all longer prefixes are new nodes too

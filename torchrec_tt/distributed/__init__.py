@@ -1,0 +1,11 @@
+"""TorchRec sharding for ``TTEmbeddingBagCollection``: sharder, sharded module, planning helpers."""
+from .planning import get_sharders_and_planner, shard_model, tt_constraints
+from .tt_embedding_bag_collection import (
+    TT_COMPUTE_KERNEL,
+    TT_SHARDING_TYPES,
+    ShardedTTEmbeddingBagCollection,
+    TTEmbeddingBagCollectionSharder,
+)
+
+__all__ = ["TT_COMPUTE_KERNEL", "TT_SHARDING_TYPES", "ShardedTTEmbeddingBagCollection",
+           "TTEmbeddingBagCollectionSharder", "get_sharders_and_planner", "shard_model", "tt_constraints"]

@@ -1,0 +1,157 @@
+"""TTEmbeddingBagCollection vs torchrec.EmbeddingBagCollection with the TT tables densified."""
+import copy
+
+import pytest
+import torch
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, PoolingType
+from torchrec.optim.optimizers import in_backward_optimizer_filter
+
+from torchrec_tt.config import TTEmbeddingBagConfig
+from torchrec_tt.modules.tt_embedding_bag_collection import TTEmbeddingBagCollection
+
+
+def make_tables(pooling=PoolingType.SUM, optimizer=None):
+    return [
+        EmbeddingBagConfig(name="d0", embedding_dim=4, num_embeddings=20, feature_names=["f0"], pooling=pooling),
+        TTEmbeddingBagConfig(name="t0", embedding_dim=8, num_embeddings=150, feature_names=["f1", "f2"],
+                             pooling=pooling, tt_ranks=3, optimizer=optimizer),
+        EmbeddingBagConfig(name="d1", embedding_dim=6, num_embeddings=30, feature_names=["f3"], pooling=pooling),
+        TTEmbeddingBagConfig(name="t1", embedding_dim=4, num_embeddings=64, feature_names=["f4"],
+                             pooling=pooling, tt_p_shapes=[4, 4, 4], tt_q_shapes=[1, 2, 2], tt_ranks=[2, 3]),
+    ]
+
+
+def random_kjt(tables, batch, weighted, gen, keys=None):
+    feats = [(f, t.num_embeddings) for t in tables for f in t.feature_names]
+    if keys is not None:
+        feats = sorted(feats, key=lambda x: keys.index(x[0]))
+    lengths = torch.randint(0, 4, (len(feats) * batch,), generator=gen)
+    values = torch.cat([torch.randint(0, n, (int(lengths[i * batch:(i + 1) * batch].sum()),), generator=gen)
+                        for i, (_, n) in enumerate(feats)])
+    weights = torch.rand(values.numel(), generator=gen) if weighted else None
+    return KeyedJaggedTensor.from_lengths_sync(keys=[f for f, _ in feats], values=values, lengths=lengths,
+                                               weights=weights)
+
+
+def reference(tt_ebc, tables, weighted):
+    """A stock EBC with the same tables, all dense; weights copied (TT ones from full_weight())."""
+    dense_tables = [EmbeddingBagConfig(name=t.name, embedding_dim=t.embedding_dim, num_embeddings=t.num_embeddings,
+                                       feature_names=list(t.feature_names), pooling=t.pooling) for t in tables]
+    ref = EmbeddingBagCollection(tables=dense_tables, is_weighted=weighted)
+    with torch.no_grad():
+        for t in tables:
+            w = (tt_ebc.tt_tables[t.name].full_weight() if isinstance(t, TTEmbeddingBagConfig)
+                 else tt_ebc.dense.embedding_bags[t.name].weight)
+            ref.embedding_bags[t.name].weight.copy_(w)
+    return ref
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("pooling", [PoolingType.SUM, PoolingType.MEAN])
+def test_matches_ebc_forward_backward(weighted, pooling):
+    if weighted and pooling == PoolingType.MEAN:
+        pytest.skip("the stock EBC (nn.EmbeddingBag) has no per-sample weights with mean pooling")
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(1)
+    tables = make_tables(pooling)
+    model = TTEmbeddingBagCollection(tables, is_weighted=weighted)
+    ref = reference(model, tables, weighted)
+    kjt = random_kjt(tables, 5, weighted, gen)
+    out, ref_out = model(kjt), ref(kjt)
+    assert out.keys() == ref_out.keys() == ["f0", "f1", "f2", "f3", "f4"]
+    assert out.length_per_key() == ref_out.length_per_key() == [4, 8, 8, 6, 4]
+    torch.testing.assert_close(out.values(), ref_out.values(), rtol=1e-5, atol=1e-6)
+
+    # backward: the dense reference with the TT weights rebuilt differentiably from the cores
+    g = torch.randn_like(out.values())
+    (out.values() * g).sum().backward()
+    cores = {n: [c.detach().clone().requires_grad_() for c in m.cores] for n, m in model.tt_tables.items()}
+    from torchrec_tt.reference import tt_full_weight
+    params = {f"embedding_bags.{n}.weight": tt_full_weight(cs, model.tt_tables[n].num_embeddings)
+              for n, cs in cores.items()}
+    ref_out2 = torch.func.functional_call(ref, params, (kjt,), strict=False)
+    (ref_out2.values() * g).sum().backward()
+    for n, cs in cores.items():
+        for c, c_ref in zip(model.tt_tables[n].cores, cs):
+            torch.testing.assert_close(c.grad, c_ref.grad, rtol=1e-4, atol=1e-5)
+    for n in ["d0", "d1"]:
+        torch.testing.assert_close(model.dense.embedding_bags[n].weight.grad, ref.embedding_bags[n].weight.grad)
+
+
+def test_key_order_and_shared_feature():
+    tables = [TTEmbeddingBagConfig(name="a", embedding_dim=4, num_embeddings=10, feature_names=["x"], tt_ranks=2),
+              EmbeddingBagConfig(name="b", embedding_dim=2, num_embeddings=10, feature_names=["x", "y"])]
+    model = TTEmbeddingBagCollection(tables)
+    kjt = KeyedJaggedTensor.from_lengths_sync(keys=["y", "x"], values=torch.tensor([1, 2, 3]),
+                                              lengths=torch.tensor([1, 0, 1, 1]))
+    out = model(kjt)
+    assert out.keys() == ["x@a", "x@b", "y"]
+    assert out.values().shape == (2, 8)
+    ref = reference(model, tables, False)
+    torch.testing.assert_close(out.values(), ref(kjt).values())
+
+
+def test_fused_tables_are_filtered_and_train_in_backward():
+    tables = make_tables(optimizer="adagrad")
+    model = TTEmbeddingBagCollection(tables)
+    dense_names = {n for n, _ in in_backward_optimizer_filter(model.named_parameters())}
+    assert not any(n.startswith("tt_tables.t0") for n in dense_names)
+    assert any(n.startswith("tt_tables.t1") for n in dense_names) and "dense.embedding_bags.d0.weight" in dense_names
+    before = [c.detach().clone() for c in model.tt_tables["t0"].cores]
+    kjt = random_kjt(tables, 4, False, torch.Generator().manual_seed(0))
+    model(kjt).values().sum().backward()
+    assert all(c.grad is None for c in model.tt_tables["t0"].cores)
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.tt_tables["t0"].cores))
+    assert any(s.abs().sum() > 0 for s in model.tt_tables["t0"].optimizer_state())
+
+
+def test_meta_device_and_configs():
+    tables = make_tables()
+    model = TTEmbeddingBagCollection(tables, device="meta")
+    assert all(p.is_meta for p in model.parameters())
+    assert model.embedding_bag_configs() == tables
+    assert [t.name for t in model.tt_configs()] == ["t0", "t1"]
+    model.to_empty(device="cpu")
+    model.reset_parameters()
+    out = model(random_kjt(tables, 3, False, torch.Generator().manual_seed(0)))
+    assert torch.isfinite(out.values()).all()
+
+
+def test_bad_configs():
+    with pytest.raises(ValueError, match="unique.*'t0'|t0"):
+        TTEmbeddingBagCollection([EmbeddingBagConfig(name="t0", embedding_dim=4, num_embeddings=5, feature_names=["a"]),
+                                  TTEmbeddingBagConfig(name="t0", embedding_dim=4, num_embeddings=5,
+                                                       feature_names=["b"])])
+    with pytest.raises(NotImplementedError, match="cache"):
+        TTEmbeddingBagConfig(name="c", embedding_dim=4, num_embeddings=5, feature_names=["a"], cache_rows=10)
+    with pytest.raises(ValueError, match="'c'.*pooling"):
+        TTEmbeddingBagCollection([TTEmbeddingBagConfig(name="c", embedding_dim=4, num_embeddings=5,
+                                                       feature_names=["a"], pooling=PoolingType.NONE)])
+
+
+def test_bad_inputs():
+    tables = make_tables()
+    model = TTEmbeddingBagCollection(tables)
+    good = random_kjt(tables, 2, False, torch.Generator().manual_seed(0))
+    keys = good.keys()
+    unknown = KeyedJaggedTensor.from_lengths_sync(keys=keys[:-1] + ["zz"], values=good.values(),
+                                                  lengths=good.lengths())
+    with pytest.raises(ValueError, match="unknown feature.*zz"):
+        model(unknown)
+    missing = KeyedJaggedTensor.from_lengths_sync(keys=keys[:-1], values=good.values()[:0],
+                                                  lengths=torch.zeros(2 * (len(keys) - 1), dtype=torch.long))
+    with pytest.raises(ValueError, match=r"\['f4'\] missing"):
+        model(missing)
+    mismatch = KeyedJaggedTensor(keys=keys, values=good.values()[:-1] if good.values().numel() else
+                                 torch.tensor([0]), lengths=good.lengths())
+    with pytest.raises(ValueError, match="lengths sum to"):
+        model(mismatch)
+    for feature, table, n in [("f2", "t0", 150), ("f3", "d1", 30)]:
+        lengths = torch.ones(len(keys) * 2, dtype=torch.long)
+        values = torch.zeros(len(keys) * 2, dtype=torch.long)
+        values[keys.index(feature) * 2 + 1] = n
+        bad = KeyedJaggedTensor.from_lengths_sync(keys=keys, values=values, lengths=lengths)
+        with pytest.raises(IndexError, match=f"table '{table}'.*{n}"):
+            model(bad)
+    with pytest.raises(ValueError, match="weights"):
+        TTEmbeddingBagCollection(tables, is_weighted=True)(good)

@@ -1,0 +1,75 @@
+"""``TTEmbeddingBagConfig``: a ``torchrec.EmbeddingBagConfig`` that asks for a Tensor-Train table."""
+from __future__ import annotations
+
+import dataclasses
+from typing import List, Optional, Union
+
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
+
+from .modules.tt_embedding_bag import FusedOptimizerConfig
+
+__all__ = ["TTEmbeddingBagConfig", "is_tt_config"]
+
+
+@dataclasses.dataclass
+class TTEmbeddingBagConfig(EmbeddingBagConfig):
+    """Table config for a TT-compressed table in a ``TTEmbeddingBagCollection``.
+
+    All ``EmbeddingBagConfig`` fields keep their meaning (``num_embeddings``, ``embedding_dim``,
+    ``name``, ``feature_names``, ``pooling``: SUM or MEAN). The TT fields (all defaulted):
+
+    - ``tt_ranks``: inner TT ranks, an int for all or ``d - 1`` ints.
+    - ``tt_p_shapes`` / ``tt_q_shapes``: row / column factorisations (chosen balanced when ``None``;
+      ``num_cores`` cores then).
+    - ``weights_init``: ``"sampled_gaussian"`` (paper), ``"uniform"`` or ``"normal"``.
+    - ``optimizer``: ``None`` (cores get dense gradients, use any torch optimizer) or a
+      ``FusedOptimizerConfig`` / optimizer name (``"sgd"``, ``"adagrad"``, ``"rowwise_adagrad"``) to
+      update the cores inside backward; ``learning_rate`` / ``eps`` apply when a name is given.
+    - ``bounds_check_mode``: ``"error"`` (default), ``"warn"`` or ``"ignore"``.
+    - ``cache_rows``, ``cache_policy``: reserved for the hot-row cache (later issue). **Not implemented
+      yet**: a non-zero ``cache_rows`` or a ``cache_policy`` raises ``NotImplementedError``.
+
+    Plain ``EmbeddingBagConfig`` entries in the same collection stay dense.
+    """
+
+    tt_ranks: Union[int, List[int]] = 16
+    tt_p_shapes: Optional[List[int]] = None
+    tt_q_shapes: Optional[List[int]] = None
+    num_cores: int = 3
+    weights_init: str = "sampled_gaussian"
+    optimizer: Union[None, str, FusedOptimizerConfig] = None
+    learning_rate: Optional[float] = None
+    eps: Optional[float] = None
+    bounds_check_mode: str = "error"
+    cache_rows: int = 0
+    cache_policy: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        parent_post_init = getattr(super(), "__post_init__", None)
+        if parent_post_init is not None:
+            parent_post_init()
+        if self.cache_rows or self.cache_policy is not None:
+            raise NotImplementedError(
+                f"table '{self.name}': the TT hot-row cache (cache_rows / cache_policy) is not implemented yet")
+
+    def fused_optimizer_config(self) -> Optional[FusedOptimizerConfig]:
+        """The fused optimizer this table asks for (``None`` for dense core gradients)."""
+        opt = self.optimizer
+        if opt is None:
+            if self.learning_rate is not None or self.eps is not None:
+                raise ValueError(f"table '{self.name}': learning_rate/eps given but optimizer is None")
+            return None
+        if isinstance(opt, FusedOptimizerConfig):
+            if self.learning_rate is not None or self.eps is not None:
+                raise ValueError(f"table '{self.name}': give learning_rate/eps inside the FusedOptimizerConfig")
+            return opt
+        kwargs = {}
+        if self.learning_rate is not None:
+            kwargs["learning_rate"] = self.learning_rate
+        if self.eps is not None:
+            kwargs["eps"] = self.eps
+        return FusedOptimizerConfig(opt, **kwargs)
+
+
+def is_tt_config(config: EmbeddingBagConfig) -> bool:
+    return isinstance(config, TTEmbeddingBagConfig)

@@ -1,0 +1,114 @@
+"""One-call planning for models with ``TTEmbeddingBagCollection`` s: sharders, constraints, planner."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
+from torchrec.distributed.planner.enumerators import EmbeddingEnumerator
+from torchrec.distributed.planner.types import ParameterConstraints
+from torchrec.distributed.types import ModuleSharder, ShardingPlan, ShardingType
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+
+from ..config import TTEmbeddingBagConfig
+from ..modules.tt_embedding_bag_collection import TTEmbeddingBagCollection
+from ..planner.estimators import tt_estimators
+from .tt_embedding_bag_collection import TT_COMPUTE_KERNEL, TT_SHARDING_TYPES, TTEmbeddingBagCollectionSharder
+
+__all__ = ["get_sharders_and_planner", "shard_model", "tt_constraints"]
+
+
+def _tables(model_or_tables: Union[nn.Module, Sequence[EmbeddingBagConfig]]) -> List[EmbeddingBagConfig]:
+    if isinstance(model_or_tables, nn.Module):
+        out: List[EmbeddingBagConfig] = []
+        for m in model_or_tables.modules():
+            if isinstance(m, (TTEmbeddingBagCollection, EmbeddingBagCollection)) and not any(
+                    m is getattr(p, "dense", None) for p in model_or_tables.modules()
+                    if isinstance(p, TTEmbeddingBagCollection)):
+                out.extend(m.embedding_bag_configs())
+        return out
+    return list(model_or_tables)
+
+
+def tt_constraints(tables: Sequence[EmbeddingBagConfig], world_size: int,
+                   constraints: Optional[Dict[str, ParameterConstraints]] = None,
+                   ) -> Dict[str, ParameterConstraints]:
+    """User constraints completed so that TT tables plan only as data_parallel/table_wise with
+    ``customized_kernel`` (table_wise only when the table has a fused optimizer) and dense tables never
+    get ``customized_kernel``."""
+    out = dict(constraints or {})
+    for t in tables:
+        c = out.get(t.name) or ParameterConstraints()
+        if isinstance(t, TTEmbeddingBagConfig):
+            allowed = [s for s in TT_SHARDING_TYPES
+                       if not (s == ShardingType.DATA_PARALLEL.value and t.optimizer is not None)]
+            if c.sharding_types:
+                bad = [s for s in c.sharding_types if s not in allowed]
+                if bad:
+                    raise ValueError(f"TT table '{t.name}': sharding types {bad} not supported; use {allowed}")
+                allowed = list(c.sharding_types)
+            c = dataclasses.replace(c, sharding_types=allowed, compute_kernels=[TT_COMPUTE_KERNEL])
+        else:
+            kernels = c.compute_kernels or ["dense", "fused"]
+            if TT_COMPUTE_KERNEL in kernels:
+                raise ValueError(f"dense table '{t.name}' cannot use {TT_COMPUTE_KERNEL!r}")
+            c = dataclasses.replace(c, compute_kernels=list(kernels))
+        out[t.name] = c
+    return out
+
+
+def get_sharders_and_planner(
+    model_or_tables: Union[nn.Module, Sequence[EmbeddingBagConfig]],
+    world_size: int,
+    batch_size: int,
+    *,
+    compute_device: str = "cpu",
+    local_world_size: Optional[int] = None,
+    constraints: Optional[Dict[str, ParameterConstraints]] = None,
+    fused_params: Optional[Dict[str, Any]] = None,
+    topology: Optional[Topology] = None,
+) -> Tuple[List[ModuleSharder[nn.Module]], EmbeddingShardingPlanner]:
+    """Sharders (TT collection + stock EBC) and a planner with TT estimators and constraints.
+
+    ``fused_params`` go to TorchRec's EBC sharder for the dense tables (e.g.
+    ``{"optimizer": EmbOptimType.EXACT_SGD, "learning_rate": 0.1}``); TT tables take their fused
+    optimizer from their config. Use ``planner.collective_plan(model, sharders, pg)`` and pass the plan
+    to ``DistributedModelParallel(..., plan=plan, sharders=sharders)`` (or call ``shard_model``).
+    """
+    tables = _tables(model_or_tables)
+    names = [t.name for t in tables]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"table names must be unique across the model (planner constraints are keyed by "
+                         f"name); duplicated: {dup}")
+    topology = topology or Topology(world_size=world_size, compute_device=compute_device,
+                                    local_world_size=local_world_size or world_size)
+    cons = tt_constraints(tables, world_size, constraints)
+    ebc_sharder = EmbeddingBagCollectionSharder(fused_params=fused_params)
+    sharders: List[ModuleSharder[nn.Module]] = [
+        TTEmbeddingBagCollectionSharder(dense_sharder=ebc_sharder), ebc_sharder]  # type: ignore[list-item]
+    enumerator = EmbeddingEnumerator(topology=topology, batch_size=batch_size, constraints=cons,
+                                     estimator=tt_estimators(topology, cons))
+    planner = EmbeddingShardingPlanner(topology=topology, batch_size=batch_size, constraints=cons,
+                                       enumerator=enumerator)
+    return sharders, planner
+
+
+def shard_model(model: nn.Module, batch_size: int, *, device: Optional[torch.device] = None,
+                pg: Optional[dist.ProcessGroup] = None, plan: Optional[ShardingPlan] = None,
+                **planner_kwargs: Any) -> DistributedModelParallel:
+    """Plan (collectively) and wrap ``model`` in ``DistributedModelParallel``; ``dmp.plan`` holds the plan."""
+    pg = pg or dist.GroupMember.WORLD
+    world_size = dist.get_world_size(pg)
+    device = device or torch.device("cpu")
+    sharders, planner = get_sharders_and_planner(model, world_size, batch_size, compute_device=device.type,
+                                                 **planner_kwargs)
+    if plan is None:
+        plan = planner.collective_plan(model, sharders, pg)
+    return DistributedModelParallel(model, device=device, plan=plan, sharders=sharders)

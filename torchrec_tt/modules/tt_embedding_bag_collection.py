@@ -1,0 +1,235 @@
+"""``TTEmbeddingBagCollection``: ``torchrec.EmbeddingBagCollection`` with TT-compressed tables mixed in."""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.modules.embedding_modules import EmbeddingBagCollection, get_embedding_names_by_table
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+
+from .. import ops
+from ..config import TTEmbeddingBagConfig
+from .tt_embedding_bag import TTEmbeddingBag
+
+__all__ = ["TTEmbeddingBagCollection", "check_kjt", "tt_module_from_config", "mark_in_backward"]
+
+_POOLING = {PoolingType.SUM: "sum", PoolingType.MEAN: "mean"}
+
+
+def tt_module_from_config(config: TTEmbeddingBagConfig, device: Optional[torch.device] = None) -> TTEmbeddingBag:
+    """Build the ``TTEmbeddingBag`` a ``TTEmbeddingBagConfig`` describes (KJT offsets convention)."""
+    if config.pooling not in _POOLING:
+        raise ValueError(f"table '{config.name}': TT tables support SUM and MEAN pooling, got {config.pooling}")
+    table = TTEmbeddingBag(
+        config.num_embeddings, config.embedding_dim, config.tt_ranks, config.tt_p_shapes, config.tt_q_shapes,
+        num_cores=config.num_cores, mode=_POOLING[config.pooling], include_last_offset=True,
+        weights_init=config.weights_init, optimizer=config.fused_optimizer_config(),
+        bounds_check_mode=config.bounds_check_mode, name=config.name, device=device,
+        dtype=torch.float32)
+    mark_in_backward(table)
+    return table
+
+
+def mark_in_backward(table: TTEmbeddingBag) -> None:
+    """Mark the cores of a fused-optimizer table with TorchRec's in-backward convention, so
+    ``torchrec.optim.optimizers.in_backward_optimizer_filter`` keeps them out of dense optimizers."""
+    if table.optimizer is not None:
+        for core in table.cores:
+            core._in_backward_optimizers = [table.optimizer]  # type: ignore[attr-defined]
+            core._optimizer_classes = []  # type: ignore[attr-defined]
+
+
+def check_kjt(features: KeyedJaggedTensor, feature_names: Sequence[str], is_weighted: bool,
+              bounds: Dict[str, Tuple[str, int, bool]]) -> None:
+    """Validate a KJT before any lookup or collective, so every rank fails the same way.
+
+    ``bounds`` maps a feature to ``(table name, num_embeddings, fatal)``; ids are range-checked only
+    where ``fatal`` (TT tables in warn/ignore mode drop bad ids in the op instead).
+    """
+    if not isinstance(features, KeyedJaggedTensor):
+        raise TypeError(f"expected a KeyedJaggedTensor, got {type(features).__name__}")
+    keys = features.keys()
+    expected = set(feature_names)
+    unknown = [k for k in keys if k not in expected]
+    if unknown:
+        raise ValueError(f"unknown feature(s) {unknown} in the KeyedJaggedTensor; this collection expects "
+                         f"{list(feature_names)}")
+    missing = [f for f in feature_names if f not in set(keys)]
+    if missing:
+        raise ValueError(f"feature(s) {missing} missing from the KeyedJaggedTensor (got {list(keys)})")
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"duplicate feature names in the KeyedJaggedTensor: {list(keys)}")
+    values, lengths = features.values(), features.lengths()
+    stride = features.stride()
+    if lengths.numel() != stride * len(keys):
+        raise ValueError(f"KeyedJaggedTensor lengths has {lengths.numel()} entries, expected "
+                         f"{len(keys)} features x batch {stride}")
+    if lengths.numel() and int(lengths.min()) < 0:
+        raise ValueError("KeyedJaggedTensor lengths must be non-negative")
+    per_key = lengths.view(len(keys), stride).sum(dim=1).tolist() if keys else []
+    total = int(sum(per_key))
+    if total != values.numel():
+        raise ValueError(f"KeyedJaggedTensor lengths sum to {total} but there are {values.numel()} values "
+                         f"(per feature: {dict(zip(keys, per_key))})")
+    weights = features.weights_or_none()
+    if is_weighted and weights is None:
+        raise ValueError("this collection is weighted (is_weighted=True) but the KeyedJaggedTensor has no weights")
+    if weights is not None and is_weighted and weights.numel() != values.numel():
+        raise ValueError(f"KeyedJaggedTensor has {weights.numel()} weights for {values.numel()} values")
+    if values.numel():
+        for key, segment in zip(keys, torch.split(values, [int(n) for n in per_key])):
+            table, n, fatal = bounds[key]
+            if fatal and segment.numel():
+                lo, hi = torch.aminmax(segment)
+                if int(lo) < 0 or int(hi) >= n:
+                    bad = segment[(segment < 0) | (segment >= n)][0]
+                    raise IndexError(f"table '{table}' (feature '{key}'): id {int(bad)} out of range "
+                                     f"[0, {n})")
+
+
+class TTEmbeddingBagCollection(nn.Module):
+    """``torchrec.EmbeddingBagCollection`` whose tables may be Tensor-Train compressed.
+
+    Same contract as the stock EBC: ``forward`` takes a ``KeyedJaggedTensor`` (weighted when
+    ``is_weighted``) and returns a ``KeyedTensor`` whose keys are the tables' features in declaration
+    order (a feature used by several tables is named ``feature@table``, as in the EBC). Tables given as
+    ``TTEmbeddingBagConfig`` are stored as ``TTEmbeddingBag`` modules in ``tt_tables`` (keyed by
+    table name); plain ``EmbeddingBagConfig`` tables live in a real ``EmbeddingBagCollection`` child
+    ``dense`` (``None`` when there are none), so TorchRec shards them as usual. Table names must be
+    unique across both kinds. ``device="meta"`` defers initialisation (as the EBC).
+
+    Fused-optimizer TT tables update their cores in backward; their cores carry
+    ``_in_backward_optimizers`` so ``in_backward_optimizer_filter`` keeps them out of dense optimizers.
+
+    Example::
+
+        >>> import torch
+        >>> from torchrec import EmbeddingBagConfig, KeyedJaggedTensor
+        >>> from torchrec_tt.config import TTEmbeddingBagConfig
+        >>> from torchrec_tt.modules.tt_embedding_bag_collection import TTEmbeddingBagCollection
+        >>> ebc = TTEmbeddingBagCollection(tables=[
+        ...     EmbeddingBagConfig(name="small", embedding_dim=8, num_embeddings=100, feature_names=["f1"]),
+        ...     TTEmbeddingBagConfig(name="big", embedding_dim=8, num_embeddings=10_000,
+        ...                          feature_names=["f2"], tt_ranks=4),
+        ... ])
+        >>> kjt = KeyedJaggedTensor.from_lengths_sync(
+        ...     keys=["f1", "f2"], values=torch.tensor([1, 2, 3, 9_999]), lengths=torch.tensor([2, 0, 1, 1]))
+        >>> out = ebc(kjt)
+        >>> out.keys(), out.values().shape
+        (['f1', 'f2'], torch.Size([2, 16]))
+    """
+
+    def __init__(self, tables: List[EmbeddingBagConfig], device: Optional[Union[str, torch.device]] = None,
+                 is_weighted: bool = False) -> None:
+        super().__init__()
+        if not tables:
+            raise ValueError("TTEmbeddingBagCollection needs at least one table")
+        names = [t.name for t in tables]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"table names must be unique across dense and TT tables; duplicated: {dup}")
+        for t in tables:
+            if not t.feature_names:
+                raise ValueError(f"table '{t.name}' has no feature_names")
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        self._device = device
+        self._is_weighted = is_weighted
+        self._configs: List[EmbeddingBagConfig] = list(tables)
+        dense = [t for t in tables if not isinstance(t, TTEmbeddingBagConfig)]
+        self.dense: Optional[EmbeddingBagCollection] = (
+            EmbeddingBagCollection(tables=dense, is_weighted=is_weighted, device=device) if dense else None)
+        self.tt_tables = nn.ModuleDict({
+            t.name: tt_module_from_config(t, device) for t in tables if isinstance(t, TTEmbeddingBagConfig)})
+        embedding_names = get_embedding_names_by_table(self._configs)
+        # (table, feature, output key) in declaration order
+        self._features: List[Tuple[str, str, str]] = [
+            (t.name, f, e) for t, names in zip(self._configs, embedding_names) for f, e in zip(t.feature_names, names)]
+        self._embedding_names = [e for _, _, e in self._features]
+        dims = {t.name: t.embedding_dim for t in self._configs}
+        self._length_per_key = [dims[t] for t, _, _ in self._features]
+        self._feature_names = list(dict.fromkeys(f for _, f, _ in self._features))
+        self._dense_names = {t.name for t in dense}
+        # the dense child names its outputs over its own tables only: map them to ours
+        self._dense_key_map: Dict[str, str] = {}
+        for t, child_names in zip(dense, get_embedding_names_by_table(dense)):
+            ours = [e for tn, _, e in self._features if tn == t.name]
+            self._dense_key_map.update(zip(child_names, ours))
+
+    # ---- EBC contract ------------------------------------------------------------------------------
+
+    def embedding_bag_configs(self) -> List[EmbeddingBagConfig]:
+        return self._configs
+
+    def is_weighted(self) -> bool:
+        return self._is_weighted
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    def feature_names(self) -> List[str]:
+        """Input features, unique, in declaration order."""
+        return list(self._feature_names)
+
+    def embedding_names(self) -> List[str]:
+        """Output keys of the ``KeyedTensor``, in order."""
+        return list(self._embedding_names)
+
+    def tt_configs(self) -> List[TTEmbeddingBagConfig]:
+        return [t for t in self._configs if isinstance(t, TTEmbeddingBagConfig)]
+
+    def dense_configs(self) -> List[EmbeddingBagConfig]:
+        return [t for t in self._configs if not isinstance(t, TTEmbeddingBagConfig)]
+
+    def bounds(self) -> Dict[str, Tuple[str, int, bool]]:
+        """feature -> (table, num_embeddings, ids must be checked here)."""
+        out: Dict[str, Tuple[str, int, bool]] = {}
+        for t in self._configs:
+            fatal = True
+            if isinstance(t, TTEmbeddingBagConfig):
+                fatal = self.tt_tables[t.name].bounds_check_mode == ops.BoundsCheckMode.FATAL
+            for f in t.feature_names:
+                prev = out.get(f)
+                out[f] = (t.name, t.num_embeddings, fatal) if prev is None or t.num_embeddings < prev[1] \
+                    else prev
+        return out
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """(Re)initialise all tables; after ``to_empty`` this materialises a ``device="meta"`` module."""
+        if self.dense is not None:
+            # the stock EBC skips init while its recorded device is meta, even after to_empty()
+            for config in self.dense.embedding_bag_configs():
+                weight = self.dense.embedding_bags[config.name].weight
+                if not weight.is_meta and config.init_fn is not None:
+                    config.init_fn(weight)
+        for table in self.tt_tables.values():
+            table.reset_parameters()
+
+    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        check_kjt(features, self._feature_names, self._is_weighted, self.bounds())
+        jt = features.to_dict()
+        pooled: Dict[str, torch.Tensor] = {}
+        if self.dense is not None:
+            dense_features = [f for t, f, _ in self._features if t in self._dense_names]
+            dense_kjt = _select(features, list(dict.fromkeys(dense_features)))
+            pooled.update({self._dense_key_map[k]: v for k, v in self.dense(dense_kjt).to_dict().items()})
+        for table_name, feature, key in self._features:
+            if table_name in self._dense_names:
+                continue
+            f = jt[feature]
+            pooled[key] = self.tt_tables[table_name](
+                f.values(), f.offsets(), f.weights() if self._is_weighted else None)
+        return KeyedTensor(keys=list(self._embedding_names),
+                           values=torch.cat([pooled[k] for k in self._embedding_names], dim=1),
+                           length_per_key=list(self._length_per_key))
+
+
+def _select(features: KeyedJaggedTensor, keys: List[str]) -> KeyedJaggedTensor:
+    """The sub-KJT with ``keys`` in that order (weights kept)."""
+    index = {k: i for i, k in enumerate(features.keys())}
+    if features.keys() == keys:
+        return features
+    return features.permute([index[k] for k in keys])

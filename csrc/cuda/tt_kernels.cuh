@@ -96,9 +96,9 @@ struct CorePtrs {
   T* ptr[kMaxCores] = {};
 };
 
-// Bytes of workspace the forward / backward launchers need (host-only computation, no launch).
-// Returns 0 when there is nothing to compute (n == 0). backward_psw_grad: backward also needs the
-// last level's rows.
+// Bytes of workspace the forward / backward launchers need (host-only computation, no launch; CUB's
+// temp-storage sizes are queried here). Returns 0 when there is nothing to compute (n == 0).
+// Memory is O(n * sum_k min(1, p_0..p_k / n) * q_0..q_k * r_{k+1}) fp32 plus a few int arrays of n.
 size_t forward_workspace_bytes(const TTDims& dims, const BatchDesc& batch);
 size_t backward_workspace_bytes(const TTDims& dims, const BatchDesc& batch);
 

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# One-shot check on a GPU machine: build the CUDA kernels in place, run the CUDA tests (and the
+# CPU op tests), then the CUDA benchmark. Run from the repository root with $OUT set; everything
+# of interest lands in $OUT (build.log, tests.log, tests_cpu.log, bench_cuda.{json,md,log},
+# summary.txt). Each step is time-boxed and a failing step does not stop the next one, so one run
+# gives as much information as possible. Expected total: ~3-4 minutes (worst case ~8).
+set -x
+set -o pipefail
+OUT="${OUT:-$PWD/out}"
+mkdir -p "$OUT"
+PY="${PYTHON:-python3}"
+status=()
+step() {  # step NAME TIMEOUT_S COMMAND... : run, record the exit status, never abort
+  local name=$1 limit=$2
+  shift 2
+  local t0=$SECONDS
+  timeout --kill-after=10 "$limit" "$@"
+  local rc=$?
+  status+=("$name rc=$rc $((SECONDS - t0))s")
+  echo "=== step $name: rc=$rc in $((SECONDS - t0))s"
+  return 0
+}
+
+# ---- environment ----
+nvidia-smi || true
+"$PY" - <<'EOF' || true
+import sys, torch
+print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda,
+      "available", torch.cuda.is_available())
+if torch.cuda.is_available():
+    print("device", torch.cuda.get_device_name(), "capability", torch.cuda.get_device_capability())
+from torch.utils.cpp_extension import CUDA_HOME
+print("CUDA_HOME", CUDA_HOME)
+EOF
+command -v nvcc && nvcc --version || echo "no nvcc on PATH"
+command -v ninja || echo "no ninja (setuptools falls back to a serial build)"
+
+# ---- build (in place) ----
+ARCH=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())" 2>/dev/null || echo "9.0")
+export TORCH_CUDA_ARCH_LIST="$ARCH" MAX_JOBS=16 TORCHREC_TT_FORCE_CUDA=1
+step build 220 bash -c "$PY setup.py build_ext --inplace > '$OUT/build.log' 2>&1"
+grep -nE "error|warning: .*tt_" "$OUT/build.log" | head -n 40
+tail -n 25 "$OUT/build.log"
+"$PY" - <<'EOF' 2>&1 | tee "$OUT/registration.log"
+import torch, torchrec_tt
+for op in ("tt_embedding_bag", "tt_embedding_bag_fused", "tt_embedding_bag_backward", "tt_embedding_bag_backward_fused_"):
+    print(op, "CUDA kernel registered:", torch._C._dispatch_has_kernel_for_dispatch_key(f"torchrec_tt::{op}", "CUDA"))
+EOF
+
+# ---- tests ----
+# --maxfail (not -x): a first failure still leaves room for a few more data points.
+step tests_cuda 140 bash -c "set -o pipefail; $PY -m pytest -q --maxfail=10 -rfE --durations=8 -p no:cacheprovider tests/test_cuda.py 2>&1 | tee '$OUT/tests.log'"
+if [ -f tests/test_ops.py ]; then
+  step tests_cpu 60 bash -c "set -o pipefail; $PY -m pytest -q --maxfail=10 -rfE -p no:cacheprovider tests/test_ops.py 2>&1 | tee '$OUT/tests_cpu.log'"
+fi
+
+# ---- benchmark ----
+step bench 130 bash -c "set -o pipefail; $PY examples/benchmark_tt_embedding_cuda.py --iters 30 --warmup 5 --json '$OUT/bench_cuda.json' --markdown '$OUT/bench_cuda.md' 2>&1 | tee '$OUT/bench_cuda.log'"
+
+printf '%s\n' "${status[@]}" | tee "$OUT/summary.txt"
+exit 0

@@ -1,0 +1,423 @@
+"""The CUDA op against the CPU op and the pure-PyTorch reference: forward, dense backward, fused
+optimizers, half/bfloat16 cores, bitwise determinism, error handling and opcheck.
+
+TORCHREC_TT_TEST_DEVICE=cpu runs this file against the CPU op (a dry run of the test logic on a
+machine without a GPU; the float16/bfloat16 and device-guard tests are skipped then).
+"""
+import math
+import os
+import random
+import warnings
+
+import pytest
+import torch
+
+import torchrec_tt  # noqa: F401  (registers the ops)
+from torchrec_tt import TTEmbeddingBag
+from torchrec_tt.reference import tt_embedding_bag_reference
+
+DEV = os.environ.get("TORCHREC_TT_TEST_DEVICE", "cuda")
+pytestmark = pytest.mark.skipif(DEV == "cuda" and not torch.cuda.is_available(), reason="needs a CUDA device")
+cuda_only = pytest.mark.skipif(DEV != "cuda", reason="CUDA-specific behaviour")
+OPS = torch.ops.torchrec_tt
+
+
+# ---- cases --------------------------------------------------------------------------------------
+
+def random_cores(p, q, ranks, seed, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(p[k], ranks[k], q[k], ranks[k + 1], generator=g, dtype=dtype) / math.sqrt(ranks[k + 1])
+            for k in range(len(p))]
+
+
+def make_case(seed, d=None, p=None, q=None, ranks=None, n_bags=None, max_len=8):
+    rng = random.Random(seed)
+    d = d or rng.choice([2, 3, 4])
+    p = p or [rng.randint(1, 6) for _ in range(d)]
+    q = q or [rng.randint(1, 4) for _ in range(d)]
+    ranks = ranks or [1] + [rng.randint(1, 5) for _ in range(d - 1)] + [1]
+    n_rows = rng.randint(max(1, math.prod(p) // 2), math.prod(p))
+    n_bags = rng.randint(0, 12) if n_bags is None else n_bags
+    lengths = [rng.choice([0, 1, 1, 2, 3, 5, max_len]) for _ in range(n_bags)]
+    hot = [rng.randrange(n_rows) for _ in range(3)]  # duplicates within and across bags
+    ids = [rng.choice(hot) if rng.random() < 0.4 else rng.randrange(n_rows) for _ in range(sum(lengths))]
+    include_last = rng.random() < 0.5
+    starts = [0]
+    for length in lengths[:-1]:
+        starts.append(starts[-1] + length)
+    offsets = (starts if n_bags else []) + ([sum(lengths)] if include_last else [])
+    id_dtype = rng.choice([torch.int32, torch.int64])
+    off_dtype = rng.choice([torch.int32, torch.int64])
+    weighted = rng.random() < 0.5
+    g = torch.Generator().manual_seed(seed + 1)
+    return dict(
+        cores=random_cores(p, q, ranks, seed),
+        ids=torch.tensor(ids, dtype=id_dtype),
+        offsets=torch.tensor(offsets, dtype=off_dtype),
+        psw=torch.rand(len(ids), generator=g, dtype=torch.float64) + 0.5 if weighted else None,
+        n_rows=n_rows,
+        pooling=rng.choice([0, 1]),
+        include_last=include_last,
+        num_bags=n_bags,
+        dim=math.prod(q),
+    )
+
+
+def on(t, device, dtype=None):
+    if t is None:
+        return None
+    t = t.to(device)
+    return t.to(dtype) if dtype is not None else t
+
+
+def run_forward(c, device, dtype=torch.float32, mode=0, name="t"):
+    return OPS.tt_embedding_bag([on(x, device, dtype) for x in c["cores"]], on(c["ids"], device),
+                                on(c["offsets"], device), on(c["psw"], device, dtype), c["n_rows"], c["pooling"],
+                                c["include_last"], mode, name)
+
+
+def run_backward(c, grad, device, dtype=torch.float32):
+    return OPS.tt_embedding_bag_backward(on(grad, device, dtype), [on(x, device, dtype) for x in c["cores"]],
+                                         on(c["ids"], device), on(c["offsets"], device), on(c["psw"], device, dtype),
+                                         c["n_rows"], c["pooling"], c["include_last"], c["psw"] is not None, "t")
+
+
+def close(a, b, tol):
+    torch.testing.assert_close(a.cpu().double(), b.cpu().double(), rtol=tol, atol=tol)
+
+
+SHAPES = [  # (d, p, q, ranks): odd D, mixed ranks, slices bigger than a block, d = 5
+    (2, [7, 9], [3, 5], [1, 6, 1]),
+    (3, [5, 4, 6], [2, 3, 3], [1, 4, 7, 1]),
+    (3, [7, 5, 6], [4, 8, 2], [1, 24, 20, 1]),
+    (4, [3, 4, 2, 5], [2, 1, 3, 2], [1, 3, 5, 2, 1]),
+    (5, [2, 3, 2, 3, 2], [1, 2, 3, 1, 2], [1, 2, 3, 2, 3, 1]),
+]
+CASES = [make_case(s) for s in range(40)] + [
+    make_case(100 + i, d=d, p=p, q=q, ranks=r, n_bags=60, max_len=12) for i, (d, p, q, r) in enumerate(SHAPES)]
+
+
+# ---- forward / backward -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("c", CASES)
+def test_forward_matches_cpu_and_reference(c):
+    out = run_forward(c, DEV)
+    assert out.device.type == torch.device(DEV).type
+    assert out.shape == (c["num_bags"], c["dim"]) and out.dtype == torch.float32
+    close(out, run_forward(c, "cpu"), 1e-5)
+    ref = tt_embedding_bag_reference(c["cores"], c["ids"], c["offsets"], c["psw"],
+                                     "mean" if c["pooling"] else "sum", c["include_last"])
+    close(out, ref, 1e-4)
+
+
+@pytest.mark.parametrize("c", CASES)
+def test_dense_backward_matches_cpu(c):
+    grad = torch.randn(c["num_bags"], c["dim"], generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    core_grads, psw_grad = run_backward(c, grad, DEV)
+    cpu_grads, cpu_psw_grad = run_backward(c, grad, "cpu")
+    for g, h in zip(core_grads, cpu_grads):
+        assert g.shape == h.shape and g.dtype == h.dtype
+        close(g, h, 1e-4)
+    close(psw_grad, cpu_psw_grad, 1e-4)
+
+
+def test_autograd_matches_reference():
+    c = make_case(3, d=3, p=[5, 4, 6], q=[2, 3, 3], ranks=[1, 4, 7, 1], n_bags=30)
+    c["psw"] = torch.rand(c["ids"].numel(), dtype=torch.float64) + 0.5
+    cores = [x.float().to(DEV).requires_grad_() for x in c["cores"]]
+    psw = c["psw"].float().to(DEV).requires_grad_()
+    mode = "mean" if c["pooling"] else "sum"
+    out = torchrec_tt.ops.tt_embedding_bag(cores, c["ids"].to(DEV), c["offsets"].to(DEV), psw, num_embeddings=c["n_rows"],
+                                           mode=mode, include_last_offset=c["include_last"])
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    ref_cores = [x.clone().requires_grad_() for x in c["cores"]]
+    ref_psw = c["psw"].clone().requires_grad_()
+    ref = tt_embedding_bag_reference(ref_cores, c["ids"], c["offsets"], ref_psw, mode, c["include_last"])
+    ref.backward(grad.cpu().double())
+    close(out.detach(), ref.detach(), 1e-4)
+    for a, b in zip(cores, ref_cores):
+        close(a.grad, b.grad, 1e-4)
+    close(psw.grad, ref_psw.grad, 1e-4)
+
+
+# ---- fused optimizers ---------------------------------------------------------------------------
+
+def fresh_state(name, cores, seed):
+    g = torch.Generator().manual_seed(seed)
+    if name == "adagrad":
+        return [torch.rand(c.shape, generator=g, dtype=torch.float32) for c in cores]
+    if name == "rowwise_adagrad":
+        return [torch.rand(c.shape[0], generator=g, dtype=torch.float32) for c in cores]
+    return []
+
+
+@pytest.mark.parametrize("name", ["sgd", "adagrad", "rowwise_adagrad"])
+@pytest.mark.parametrize("c", CASES[:12] + CASES[-len(SHAPES):])
+def test_fused_optimizer_matches_cpu(name, c):
+    results = {}
+    for device in (DEV, "cpu"):
+        cores = [x.float().to(device) for x in c["cores"]]
+        state = [s.to(device) for s in fresh_state(name, c["cores"], 5)]
+        for step in range(2):
+            grad = torch.randn(c["num_bags"], c["dim"], generator=torch.Generator().manual_seed(step))
+            OPS.tt_embedding_bag_backward_fused_(grad.to(device), cores, state, on(c["ids"], device),
+                                                 on(c["offsets"], device), on(c["psw"], device, torch.float32),
+                                                 c["n_rows"], c["pooling"], c["include_last"], name, 0.05, 1e-6, "t")
+        results[device] = cores + state
+    for a, b in zip(results[DEV], results["cpu"]):
+        close(a, b, 1e-4)
+
+
+@pytest.mark.parametrize("optimizer", [None, "sgd", "adagrad", "rowwise_adagrad"])
+def test_module_training_matches_cpu(optimizer):
+    torch.manual_seed(0)
+    cpu = TTEmbeddingBag(1000, 12, tt_ranks=6, tt_p_shapes=[10, 10, 10], tt_q_shapes=[2, 3, 2], mode="mean",
+                         optimizer=optimizer)
+    dev = TTEmbeddingBag(1000, 12, tt_ranks=6, tt_p_shapes=[10, 10, 10], tt_q_shapes=[2, 3, 2], mode="mean",
+                         optimizer=optimizer, device=DEV)
+    dev.load_state_dict(cpu.state_dict())
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (cpu, dev)] if optimizer is None else None
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        ids = torch.randint(0, 1000, (64,), generator=g)
+        offsets = torch.arange(0, 64, 4)
+        for i, m in enumerate((cpu, dev)):
+            device = "cpu" if m is cpu else DEV
+            out = m(ids.to(device), offsets.to(device))
+            (out.float() ** 2).sum().backward()
+            if opts:
+                opts[i].step()
+                opts[i].zero_grad()
+    for (k, a), (_, b) in zip(cpu.state_dict().items(), dev.state_dict().items()):
+        close(b, a, 1e-4)
+
+
+# ---- half precision -----------------------------------------------------------------------------
+
+@cuda_only
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 5e-3), (torch.bfloat16, 4e-2)])
+@pytest.mark.parametrize("c", CASES[:10] + CASES[-len(SHAPES):])
+def test_half_cores_match_float32(dtype, tol, c):
+    # Same (rounded) values in both runs: only the output rounding differs (fp32 accumulation).
+    c16 = dict(c, cores=[x.to(dtype).double() for x in c["cores"]],
+               psw=None if c["psw"] is None else c["psw"].to(dtype).double())
+    out16 = run_forward(c16, DEV, dtype)
+    assert out16.dtype == dtype
+    close(out16, run_forward(c16, DEV), tol)
+    grad = torch.randn(c["num_bags"], c["dim"], generator=torch.Generator().manual_seed(3)).to(dtype).double()
+    g16, p16 = run_backward(c16, grad, DEV, dtype)
+    g32, p32 = run_backward(c16, grad, DEV)
+    for a, b in zip(g16, g32):
+        assert a.dtype == dtype
+        close(a, b, tol * max(1.0, float(b.abs().max())))
+    close(p16, p32, tol * max(1.0, float(p32.abs().max()) if p32.numel() else 1.0))
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 5e-3), (torch.bfloat16, 4e-2)])
+@pytest.mark.parametrize("name", ["sgd", "adagrad", "rowwise_adagrad"])
+def test_half_fused_update_close_to_float32(dtype, tol, name):
+    c = make_case(101, d=3, p=[5, 4, 6], q=[2, 3, 3], ranks=[1, 4, 7, 1], n_bags=60, max_len=12)
+    cores16 = [x.to(dtype).to(DEV) for x in c["cores"]]
+    cores32 = [x.float() for x in cores16]
+    st16 = [s.to(DEV) for s in fresh_state(name, c["cores"], 5)]
+    st32 = [s.clone() for s in st16]
+    grad = torch.randn(c["num_bags"], c["dim"], generator=torch.Generator().manual_seed(3)).to(dtype).to(DEV)
+    for cores, st, g in ((cores16, st16, grad), (cores32, st32, grad.float())):
+        OPS.tt_embedding_bag_backward_fused_(g, cores, st, c["ids"].to(DEV), c["offsets"].to(DEV),
+                                             on(c["psw"], DEV, cores[0].dtype), c["n_rows"], c["pooling"],
+                                             c["include_last"], name, 0.05, 1e-6, "t")
+    for a, b in zip(cores16 + st16, cores32 + st32):
+        close(a, b, tol * max(1.0, float(b.abs().max())))
+
+
+# ---- determinism --------------------------------------------------------------------------------
+
+def zipf_case(seed, n=20000, n_bags=2000):
+    g = torch.Generator().manual_seed(seed)
+    p, q, ranks = [10, 20, 25], [2, 3, 4], [1, 8, 8, 1]
+    n_rows = 5000
+    ranks_w = torch.arange(1, n_rows + 1, dtype=torch.float64) ** -1.05
+    ids = torch.multinomial(ranks_w, n, replacement=True, generator=g)
+    offsets = torch.sort(torch.randint(0, n + 1, (n_bags,), generator=g)).values
+    offsets[0] = 0
+    return dict(cores=random_cores(p, q, ranks, seed), ids=ids, offsets=offsets,
+                psw=torch.rand(n, generator=g, dtype=torch.float64), n_rows=n_rows, pooling=1, include_last=False,
+                num_bags=n_bags, dim=math.prod(q))
+
+
+def test_deterministic_bitwise():
+    c = zipf_case(0)
+    grad = torch.randn(c["num_bags"], c["dim"], generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        outs = [run_forward(c, DEV) for _ in range(2)]
+        assert torch.equal(outs[0], outs[1])
+        grads = [run_backward(c, grad, DEV) for _ in range(2)]
+        for a, b in zip(grads[0][0] + [grads[0][1]], grads[1][0] + [grads[1][1]]):
+            assert torch.equal(a, b)
+        fused = []
+        for _ in range(2):
+            cores = [x.float().to(DEV) for x in c["cores"]]
+            state = [s.to(DEV) for s in fresh_state("rowwise_adagrad", c["cores"], 2)]
+            OPS.tt_embedding_bag_backward_fused_(grad.float().to(DEV), cores, state, c["ids"].to(DEV),
+                                                 c["offsets"].to(DEV), c["psw"].float().to(DEV), c["n_rows"], 1,
+                                                 False, "rowwise_adagrad", 0.05, 1e-8, "t")
+            fused.append(cores + state)
+        for a, b in zip(*fused):
+            assert torch.equal(a, b)
+    finally:
+        torch.use_deterministic_algorithms(before)
+    close(outs[0], run_forward(c, "cpu"), 1e-4)
+    for a, b in zip(grads[0][0], run_backward(c, grad, "cpu")[0]):
+        close(a, b, 1e-3)
+
+
+# ---- bad input ----------------------------------------------------------------------------------
+
+BASE = dict(ids=[1, 2, 3, 4], offsets=[0, 1, 3], psw=None, include_last=False)
+BAD = [
+    ("id_too_large", dict(ids=[1, 2, 100, 500])),
+    ("negative_id", dict(ids=[1, -3, 4, -5])),
+    ("int32_bad_id", dict(ids=torch.tensor([1, 2, 3, 100], dtype=torch.int32))),
+    ("decreasing_offsets", dict(offsets=[0, 3, 1])),
+    ("offsets_not_at_zero", dict(offsets=[1, 2, 3])),
+    ("offset_past_end", dict(offsets=[0, 1, 5])),
+    ("last_offset_mismatch", dict(offsets=[0, 1, 3], include_last=True)),
+    ("empty_offsets_with_ids", dict(offsets=[])),
+    ("nan_weight", dict(psw=[1.0, float("nan"), 1.0, 1.0])),
+    ("inf_weight", dict(psw=[1.0, 1.0, 1.0, float("-inf")])),
+    ("offsets_before_ids", dict(ids=[1, 200, 3, 4], offsets=[0, 3, 2])),
+    ("weights_before_ids", dict(ids=[1, 200, 3, 4], psw=[1.0, float("nan"), 1.0, 1.0])),
+]
+
+
+def bad_args(change, device, cores):
+    a = dict(BASE, **change)
+    ids = a["ids"] if isinstance(a["ids"], torch.Tensor) else torch.tensor(a["ids"])
+    offsets = torch.tensor(a["offsets"], dtype=torch.long)
+    psw = None if a["psw"] is None else torch.tensor(a["psw"], dtype=torch.float32).to(device)
+    return [x.to(device) for x in cores], ids.to(device), offsets.to(device), psw, a["include_last"]
+
+
+def raised(fn):
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001
+        return type(e), str(e).splitlines()[0]
+    return None
+
+
+@pytest.mark.parametrize("mode", [0, 1])
+@pytest.mark.parametrize("case,change", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_same_error_as_cpu(case, change, mode):
+    cores = [x.float() for x in random_cores([10, 10], [2, 2], [1, 3, 1], 0)]
+
+    def call(device):
+        cs, ids, offsets, psw, last = bad_args(change, device, cores)
+        with warnings.catch_warnings(record=True):
+            warnings.simplefilter("always")
+            return OPS.tt_embedding_bag(cs, ids, offsets, psw, 100, 0, last, mode, "users")
+
+    cpu_err, dev_err = raised(lambda: call("cpu")), raised(lambda: call(DEV))
+    if mode == 1 and case in ("id_too_large", "negative_id", "int32_bad_id"):
+        assert cpu_err is None and dev_err is None
+        return
+    assert cpu_err is not None
+    assert dev_err == cpu_err
+
+
+@pytest.mark.parametrize("mode", [1, 2])
+def test_lenient_modes_drop_like_cpu(mode):
+    cores = [x.float() for x in random_cores([10, 10], [2, 2], [1, 3, 1], 0)]
+    outs, msgs = {}, {}
+    for device in ("cpu", DEV):
+        cs, ids, offsets, psw, last = bad_args(dict(ids=[1, -2, 300, 4], psw=[1.0, 2.0, 3.0, 4.0]), device, cores)
+        cs = [x.requires_grad_() for x in cs]  # C++ warnings reach Python on the autograd path
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            outs[device] = OPS.tt_embedding_bag(cs, ids, offsets, psw, 100, 1, last, mode, "ads").detach()
+        msgs[device] = [str(x.message) for x in w if "torchrec_tt" in str(x.message)]
+    close(outs[DEV], outs["cpu"], 1e-6)
+    assert msgs[DEV] == msgs["cpu"]
+    assert len(msgs["cpu"]) == (1 if mode == 1 else 0)
+    if mode == 1:
+        assert "table 'ads': dropped 2 of 4 ids outside [0, 100)" in msgs["cpu"][0]
+
+
+@pytest.mark.parametrize("optimizer", [None, "adagrad"])
+@pytest.mark.parametrize("case,change", [b for b in BAD if b[0] != "int32_bad_id"], ids=[b[0] for b in BAD if b[0] != "int32_bad_id"])
+def test_bad_input_leaves_module_untouched(case, change, optimizer):
+    t = TTEmbeddingBag(100, 8, tt_ranks=4, name="users", optimizer=optimizer, device=DEV)
+    t(torch.tensor([1, 2, 3], device=DEV), torch.tensor([0, 1], device=DEV)).sum().backward()
+    before = {k: v.clone() for k, v in t.state_dict().items()}
+    _, ids, offsets, psw, last = bad_args(change, DEV, [])
+    t.include_last_offset = last
+    with pytest.raises((IndexError, ValueError), match="table 'users': "):
+        t(ids, offsets, psw).sum().backward()
+    for k, v in t.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+@cuda_only
+@pytest.mark.parametrize("change", [dict(psw=[1.0, float("nan"), 1.0, 1.0]), dict(offsets=[0, 3, 1])])
+def test_backward_guard_writes_nothing_on_invalid_batch(change):
+    # The backward ops do not synchronise to raise; an invalid batch (which the forward rejects)
+    # leaves cores, optimizer state and gradients untouched.
+    cores32 = [x.float() for x in random_cores([10, 10], [2, 2], [1, 3, 1], 0)]
+    cores, ids, offsets, psw, last = bad_args(change, DEV, cores32)
+    state = [torch.rand(c.shape, device=DEV) for c in cores]
+    before = [x.clone() for x in cores + state]
+    grad = torch.randn(len(offsets), 4, device=DEV)
+    OPS.tt_embedding_bag_backward_fused_(grad, cores, state, ids, offsets, psw, 100, 0, last, "adagrad", 0.1, 1e-8, "t")
+    for a, b in zip(cores + state, before):
+        assert torch.equal(a, b)
+    grads, _ = OPS.tt_embedding_bag_backward(grad, cores, ids, offsets, psw, 100, 0, last, False, "t")
+    assert all(int(torch.count_nonzero(g)) == 0 for g in grads)
+
+
+def test_backward_drops_invalid_ids_like_cpu():
+    cores32 = [x.float() for x in random_cores([10, 10], [2, 2], [1, 3, 1], 0)]
+    res = {}
+    for device in ("cpu", DEV):
+        cores, ids, offsets, psw, last = bad_args(dict(ids=[1, 500, 3, -1]), device, cores32)
+        state = [torch.ones(c.shape[0], device=device) for c in cores]
+        grad = torch.randn(3, 4, generator=torch.Generator().manual_seed(0)).to(device)
+        OPS.tt_embedding_bag_backward_fused_(grad, cores, state, ids, offsets, psw, 100, 1, last, "rowwise_adagrad",
+                                             0.1, 1e-8, "t")
+        res[device] = cores + state
+    for a, b in zip(res[DEV], res["cpu"]):
+        close(a, b, 1e-5)
+
+
+def test_empty_batch_and_empty_bags():
+    cores = [x.float().to(DEV) for x in random_cores([4, 5], [2, 3], [1, 2, 1], 0)]
+    ids = torch.tensor([], dtype=torch.long, device=DEV)
+    out = OPS.tt_embedding_bag(cores, ids, torch.tensor([0, 0, 0], device=DEV), None, 20, 1, False, 0, "t")
+    assert out.shape == (3, 6) and int(torch.count_nonzero(out)) == 0
+    out = OPS.tt_embedding_bag(cores, ids, torch.tensor([0], device=DEV), None, 20, 0, True, 0, "t")
+    assert out.shape == (0, 6)
+    grads, _ = OPS.tt_embedding_bag_backward(torch.ones(3, 6, device=DEV), cores, ids,
+                                             torch.tensor([0, 0, 0], device=DEV), None, 20, 0, False, False, "t")
+    assert all(int(torch.count_nonzero(g)) == 0 for g in grads)
+
+
+# ---- opcheck ------------------------------------------------------------------------------------
+
+def test_opcheck():
+    cores = [c.float().to(DEV).requires_grad_() for c in random_cores([4, 3, 5], [2, 1, 3], [1, 3, 2, 1], 0)]
+    ids = torch.tensor([0, 5, 59, 5, 12, 33], device=DEV)
+    offsets = torch.tensor([0, 2, 2, 6], device=DEV)
+    psw = torch.rand(6, device=DEV, requires_grad=True)
+    torch.library.opcheck(OPS.tt_embedding_bag.default, (cores, ids, offsets, psw, 60, 0, True, 0, "t"))
+    torch.library.opcheck(OPS.tt_embedding_bag.default,
+                          (cores, ids.int(), offsets[:-1].int(), None, 60, 1, False, 2, "t"))
+    grad = torch.randn(3, 6, device=DEV)
+    torch.library.opcheck(OPS.tt_embedding_bag_backward.default,
+                          (grad, [c.detach() for c in cores], ids, offsets, psw.detach(), 60, 0, True, True, "t"))
+    state = [torch.zeros(c.shape[0], device=DEV) for c in cores]
+    torch.library.opcheck(OPS.tt_embedding_bag_backward_fused_.default,
+                          (grad, [c.detach().clone() for c in cores], state, ids, offsets, None, 60, 1, True,
+                           "rowwise_adagrad", 0.1, 1e-8, "t"))

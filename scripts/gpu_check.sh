@@ -36,6 +36,11 @@ command -v nvcc && nvcc --version || echo "no nvcc on PATH"
 command -v ninja || echo "no ninja (setuptools falls back to a serial build)"
 
 # ---- build (in place) ----
+# Some images put a compiler first (seen: /opt/gcc on our H100/H200 image) whose C++ runtime ends up
+# inside the extension: c10::str then crashes formatting a number in an error message. Build with
+# the system gcc/g++ that matches the libstdc++ torch loads.
+if [ -x /usr/bin/g++ ] && [ -x /usr/bin/gcc ]; then export CC=/usr/bin/gcc CXX=/usr/bin/g++; fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 ARCH=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())" 2>/dev/null || echo "9.0")
 export TORCH_CUDA_ARCH_LIST="$ARCH" MAX_JOBS=16 TORCHREC_TT_FORCE_CUDA=1
 step build 220 bash -c "$PY setup.py build_ext --inplace > '$OUT/build.log' 2>&1"

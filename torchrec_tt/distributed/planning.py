@@ -11,6 +11,7 @@ from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
 from torchrec.distributed.planner.enumerators import EmbeddingEnumerator
+from torchrec.distributed.planner.stats import EmbeddingStats
 from torchrec.distributed.planner.types import ParameterConstraints
 from torchrec.distributed.types import ModuleSharder, ShardingPlan, ShardingType
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
@@ -19,6 +20,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from ..config import TTEmbeddingBagConfig
 from ..modules.tt_embedding_bag_collection import TTEmbeddingBagCollection
 from ..planner.estimators import tt_estimators
+from ..planner.report import TTStats
 from .tt_embedding_bag_collection import TT_COMPUTE_KERNEL, TT_SHARDING_TYPES, TTEmbeddingBagCollectionSharder
 
 __all__ = ["get_sharders_and_planner", "shard_model", "tt_constraints"]
@@ -73,6 +75,8 @@ def get_sharders_and_planner(
     constraints: Optional[Dict[str, ParameterConstraints]] = None,
     fused_params: Optional[Dict[str, Any]] = None,
     topology: Optional[Topology] = None,
+    estimator_kwargs: Optional[Dict[str, Any]] = None,
+    **planner_kwargs: Any,
 ) -> Tuple[List[ModuleSharder[nn.Module]], EmbeddingShardingPlanner]:
     """Sharders (TT collection + stock EBC) and a planner with TT estimators and constraints.
 
@@ -80,6 +84,9 @@ def get_sharders_and_planner(
     ``{"optimizer": EmbOptimType.EXACT_SGD, "learning_rate": 0.1}``); TT tables take their fused
     optimizer from their config. Use ``planner.collective_plan(model, sharders, pg)`` and pass the plan
     to ``DistributedModelParallel(..., plan=plan, sharders=sharders)`` (or call ``shard_model``).
+    ``estimator_kwargs`` go to ``tt_estimators`` (e.g. ``unique_ratio``, ``flops_per_second``,
+    ``autograd_optimizer_factor``); other keyword arguments to ``EmbeddingShardingPlanner`` (e.g.
+    ``storage_reservation``). The planner logs TorchRec's stats table and a TT table (real TT bytes).
     """
     tables = _tables(model_or_tables)
     names = [t.name for t in tables]
@@ -94,9 +101,10 @@ def get_sharders_and_planner(
     sharders: List[ModuleSharder[nn.Module]] = [
         TTEmbeddingBagCollectionSharder(dense_sharder=ebc_sharder), ebc_sharder]  # type: ignore[list-item]
     enumerator = EmbeddingEnumerator(topology=topology, batch_size=batch_size, constraints=cons,
-                                     estimator=tt_estimators(topology, cons))
+                                     estimator=tt_estimators(topology, cons, **(estimator_kwargs or {})))
+    planner_kwargs.setdefault("stats", [EmbeddingStats(), TTStats()])
     planner = EmbeddingShardingPlanner(topology=topology, batch_size=batch_size, constraints=cons,
-                                       enumerator=enumerator)
+                                       enumerator=enumerator, **planner_kwargs)
     return sharders, planner
 
 

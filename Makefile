@@ -1,5 +1,5 @@
 # make test : create .venv with pinned dependencies, build the extension, run the test suite
-# make demo : same setup, then the demo
+# make demo : same setup, then DLRM with TT tables on 2 CPU ranks (examples/dlrm)
 # make bench: the CPU op benchmark (writes out/bench_cpu.json)
 PYTHON ?= python3
 VENV := .venv
@@ -25,8 +25,12 @@ build: $(VENV)/.deps
 test: build
 	$(PY) -m pytest -q tests
 
+# DLRM with TT tables on 2 CPU ranks (synthetic Criteo-shaped data, tables at 1/10 Kaggle size):
+# prints the plan and a summary, writes out/dlrm_demo/curve.png. The single-table demo is
+# examples/demo_tt_table.py.
 demo: build
-	$(PY) examples/demo_tt_table.py --threads $(THREADS)
+	$(PY) -m torch.distributed.run --nproc_per_node 2 examples/dlrm/train.py --scale-tables 0.1 --steps 1000 \
+		--threads 1 --out out/dlrm_demo
 
 bench: build
 	mkdir -p out

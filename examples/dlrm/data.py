@@ -129,14 +129,17 @@ class SyntheticCriteo:
     no table-sized memory) and scores a sample by a dense-feature linear term plus the sum of its
     ids' embeddings projected on a hidden direction plus pairwise products of two feature groups;
     the label is Bernoulli(sigmoid(score)). AUC is therefore well-defined and bounded by the
-    teacher's own (reported as ``teacher_auc``-like via ``oracle_logits``).
+    teacher's own (``oracle_logits``; about 0.84 on the Kaggle shapes).
+
+    Batch ``k`` of rank ``r`` depends only on ``(seed, k * world_size + r)``: ``batches(start=k)``
+    resumes a stream exactly, and ``seed`` picks an independent stream (train vs eval).
     """
 
     def __init__(self, batch_size: int, cardinalities: Sequence[int] = KAGGLE_CARDINALITIES, seed: int = 0,
                  alpha: float = 1.05, teacher_seed: int = 1234, teacher_buckets: int = 1 << 16, dim: int = 8,
                  scale: float = 2.0, rank: int = 0, world_size: int = 1) -> None:
         self.batch_size, self.cardinalities, self.alpha = batch_size, list(cardinalities), alpha
-        self.rng = np.random.default_rng([seed, rank, world_size])
+        self.seed, self.rank, self.world_size = seed, rank, world_size
         t = np.random.default_rng(teacher_seed)
         self.buckets = teacher_buckets
         self.teacher_emb = t.standard_normal((len(self.cardinalities), teacher_buckets, dim)).astype(np.float32)
@@ -145,10 +148,11 @@ class SyntheticCriteo:
         self.hash_a = t.integers(1, 2**31 - 1, size=len(self.cardinalities))
         self.scale = scale
 
-    def _zipf(self, n: int, size: int) -> np.ndarray:
+    @staticmethod
+    def _zipf(rng: np.random.Generator, alpha: float, n: int, size: int) -> np.ndarray:
         out = np.empty(0, dtype=np.int64)
         while out.size < size:
-            x = self.rng.zipf(self.alpha, size=2 * size)
+            x = rng.zipf(alpha, size=2 * size)
             out = np.concatenate([out, x[x <= n] - 1])
         return out[:size]
 
@@ -162,18 +166,32 @@ class SyntheticCriteo:
         score = dense @ self.teacher_dense + first.sum(1) / math.sqrt(len(self.cardinalities)) + inter
         return self.scale * (score - 0.0) / 2.0 - 1.0                       # ~25 % positives
 
-    def next_batch(self) -> Batch:
+    def batch(self, k: int) -> Batch:
+        """This rank's batch number ``k`` (deterministic)."""
+        rng = np.random.default_rng([self.seed, k * self.world_size + self.rank])
         b = self.batch_size
-        cats = np.stack([self._zipf(n, b) for n in self.cardinalities], axis=1)
-        dense = np.log1p(self.rng.exponential(5.0, size=(b, NUM_DENSE))).astype(np.float32)
-        dense_c = dense - 1.6
-        logits = self.oracle_logits(dense_c, cats)
-        labels = (self.rng.random(b) < 1 / (1 + np.exp(-logits))).astype(np.float32)
+        cats = np.stack([self._zipf(rng, self.alpha, n, b) for n in self.cardinalities], axis=1)
+        dense = np.log1p(rng.exponential(5.0, size=(b, NUM_DENSE))).astype(np.float32)
+        logits = self.oracle_logits(dense - 1.6, cats)
+        labels = (rng.random(b) < 1 / (1 + np.exp(-logits))).astype(np.float32)
         return Batch(torch.from_numpy(dense), _kjt(cats), torch.from_numpy(labels))
 
-    def __iter__(self) -> Iterator[Batch]:
+    def batches(self, start: int = 0) -> Iterator[Batch]:
+        k = start
         while True:
-            yield self.next_batch()
+            yield self.batch(k)
+            k += 1
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self.batches()
+
+
+def scale_cardinalities(cardinalities: Sequence[int], factor: float, floor: int = 64) -> List[int]:
+    """``--scale-tables F``: each table gets ``ceil(F * n)`` rows, but never fewer than ``min(n, floor)``
+    (small tables such as 3-valued ones stay as they are). ``F = 1`` keeps the real sizes."""
+    if factor <= 0:
+        raise ValueError(f"scale factor must be positive, got {factor}")
+    return [max(min(n, floor), math.ceil(n * factor)) if factor < 1 else n for n in cardinalities]
 
 
 def take(batches: Iterable[Batch], n: int) -> Iterator[Batch]:

@@ -1,0 +1,92 @@
+"""Tables and model for the DLRM example: which tables are TT, the DLRM itself, and its byte counts."""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence
+
+import torch
+from torch import nn
+from torchrec.models.dlrm import DLRM
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
+
+from torchrec_tt.config import TTEmbeddingBagConfig
+from torchrec_tt.modules.tt_embedding_bag_collection import TTEmbeddingBagCollection
+
+from examples.dlrm.data import CAT_FEATURES, NUM_DENSE
+
+
+def make_tables(cardinalities: Sequence[int], dim: int, tt_tables: int, tt_rank: int,
+                tt_optimizer: Optional[str], tt_lr: float, tt_init: str = "sampled_gaussian",
+                ) -> List[EmbeddingBagConfig]:
+    """One table per categorical feature; the ``tt_tables`` largest become ``TTEmbeddingBagConfig``."""
+    order = sorted(range(len(cardinalities)), key=lambda i: -cardinalities[i])
+    tt = set(order[:tt_tables])
+    tables: List[EmbeddingBagConfig] = []
+    for i, n in enumerate(cardinalities):
+        common = dict(name=f"t_{CAT_FEATURES[i]}", embedding_dim=dim, num_embeddings=n,
+                      feature_names=[CAT_FEATURES[i]])
+        if i in tt:
+            tables.append(TTEmbeddingBagConfig(
+                **common, tt_ranks=tt_rank, weights_init=tt_init, optimizer=tt_optimizer,
+                learning_rate=tt_lr if tt_optimizer else None))
+        else:
+            tables.append(EmbeddingBagConfig(**common))
+    return tables
+
+
+def make_dlrm(tables: List[EmbeddingBagConfig], dense_arch: Sequence[int], over_arch: Sequence[int],
+              device: torch.device = torch.device("meta")) -> DLRM:
+    """TorchRec's DLRM over a ``TTEmbeddingBagCollection`` (a drop-in for its EmbeddingBagCollection).
+
+    Embedding tables are created on ``device`` (``meta`` by default: DMP materialises them after
+    sharding, so no rank ever allocates a full table it does not own); MLPs live on the CPU first.
+    """
+    ebc = TTEmbeddingBagCollection(tables, device=device)
+    dim = tables[0].embedding_dim
+    return DLRM(embedding_bag_collection=ebc, dense_in_features=NUM_DENSE,
+                dense_arch_layer_sizes=list(dense_arch) + [dim], over_arch_layer_sizes=list(over_arch) + [1],
+                dense_device=torch.device("cpu"))
+
+
+def size_report(model: DLRM) -> Dict[str, float]:
+    """fp32 bytes of the embedding tables as dense vs as built (TT cores), and of the whole model.
+
+    Optimizer state is excluded on both sides (row-wise Adagrad adds N floats per dense table).
+    """
+    ebc: TTEmbeddingBagCollection = model.sparse_arch.embedding_bag_collection
+    dense_all = sum(t.num_embeddings * t.embedding_dim * 4 for t in ebc.embedding_bag_configs())
+    tt_dense = sum(t.num_embeddings * t.embedding_dim * 4 for t in ebc.tt_configs())
+    tt_ours = sum(m.num_tt_parameters() * 4 for m in ebc.tt_tables.values())
+    mlp = sum(p.numel() * 4 for n, p in model.named_parameters() if "embedding_bag_collection" not in n)
+    ours = dense_all - tt_dense + tt_ours
+    return {"emb_bytes_dense": dense_all, "emb_bytes_ours": ours, "tt_bytes_dense": tt_dense,
+            "tt_bytes_ours": tt_ours, "mlp_bytes": mlp,
+            "tt_compression": tt_dense / tt_ours if tt_ours else 1.0,
+            "emb_compression": dense_all / ours, "model_compression": (dense_all + mlp) / (ours + mlp),
+            "tt_tables": len(ebc.tt_configs())}
+
+
+def describe_tables(model: DLRM) -> str:
+    ebc: TTEmbeddingBagCollection = model.sparse_arch.embedding_bag_collection
+    lines = []
+    for t in ebc.embedding_bag_configs():
+        if t.name in ebc.tt_tables:
+            m = ebc.tt_tables[t.name]
+            lines.append(f"  {t.name:8s} {t.num_embeddings:>10,} x {t.embedding_dim}  TT ranks {m.ranks[1:-1]} "
+                         f"p={m.p_shapes} q={m.q_shapes} init={m.weights_init} opt="
+                         f"{m.optimizer.name if m.optimizer else 'dense-grad'}  {m.compression_ratio():,.0f}x")
+    dense = [t for t in ebc.embedding_bag_configs() if t.name not in ebc.tt_tables]
+    if dense:
+        lines.append(f"  {len(dense)} dense tables, {sum(t.num_embeddings for t in dense):,} rows in all")
+    return "\n".join(lines)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ["B", "KiB", "MiB", "GiB"]:
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

@@ -1,5 +1,6 @@
 """TTEmbeddingBagCollection vs torchrec.EmbeddingBagCollection with the TT tables densified."""
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -122,8 +123,9 @@ def test_bad_configs():
         TTEmbeddingBagCollection([EmbeddingBagConfig(name="t0", embedding_dim=4, num_embeddings=5, feature_names=["a"]),
                                   TTEmbeddingBagConfig(name="t0", embedding_dim=4, num_embeddings=5,
                                                        feature_names=["b"])])
-    with pytest.raises(NotImplementedError, match="cache"):
-        TTEmbeddingBagConfig(name="c", embedding_dim=4, num_embeddings=5, feature_names=["a"], cache_rows=10)
+    with pytest.raises(ValueError, match="table 'c': cache_rows=10 exceeds num_embeddings=5"):
+        TTEmbeddingBagCollection([TTEmbeddingBagConfig(name="c", embedding_dim=4, num_embeddings=5,
+                                                       feature_names=["a"], cache_rows=10)])
     with pytest.raises(ValueError, match="'c'.*pooling"):
         TTEmbeddingBagCollection([TTEmbeddingBagConfig(name="c", embedding_dim=4, num_embeddings=5,
                                                        feature_names=["a"], pooling=PoolingType.NONE)])
@@ -155,3 +157,23 @@ def test_bad_inputs():
             model(bad)
     with pytest.raises(ValueError, match="weights"):
         TTEmbeddingBagCollection(tables, is_weighted=True)(good)
+
+
+def test_cached_tables_read_like_uncached():
+    """A config's hot-row cache reaches its table; in eval the cache is a read cache."""
+    tables = make_tables()
+    cached = [dataclasses.replace(t, cache_fraction=0.5, cache_refresh_interval=2) if isinstance(t, TTEmbeddingBagConfig)
+              else t for t in tables]
+    plain, model = TTEmbeddingBagCollection(tables), TTEmbeddingBagCollection(cached)
+    model.load_state_dict(plain.state_dict(), strict=False)
+    assert all(t.cache is not None for t in model.tt_tables.values())
+    g = torch.Generator().manual_seed(3)
+    for _ in range(3):  # training-mode forwards observe ids; refreshes admit rows from the cores
+        model(random_kjt(tables, 8, False, g))
+    for t in model.tt_tables.values():
+        t.refresh_cache()
+        assert t.cache_stats()["cached_rows"] > 0
+    model.eval()
+    kjt = random_kjt(tables, 8, False, g)
+    with torch.no_grad():
+        torch.testing.assert_close(model(kjt).values(), plain(kjt).values())

@@ -21,8 +21,9 @@ def make_tables():
         # NB: a MEAN dense table next to a SUM one made TorchRec's sharded EBC mean-pool both here
         # (CPU, table_wise + row_wise); not investigated yet, so the dense tables are both SUM.
         EmbeddingBagConfig(name="d_rw", embedding_dim=4, num_embeddings=40, feature_names=["f2"]),
+        # with a hot-row cache refreshed every 2 steps: the owner sees the global batch, as the reference does
         TTEmbeddingBagConfig(name="t_tw", embedding_dim=4, num_embeddings=64, feature_names=["f3"], tt_ranks=2,
-                             optimizer="adagrad", learning_rate=LR),
+                             optimizer="adagrad", learning_rate=LR, cache_rows=12, cache_refresh_interval=2),
         TTEmbeddingBagConfig(name="t_tw2", embedding_dim=4, num_embeddings=50, feature_names=["f4", "f5"],
                              tt_ranks=2, pooling=PoolingType.MEAN),
     ]
@@ -130,6 +131,10 @@ def _equivalence(rank, world):
     # and the weights agree afterwards (TT tables compared through full_weight where they live)
     kjt = batch(tables, 999 + rank)
     torch.testing.assert_close(dmp(kjt).values(), ref(kjt).values(), rtol=1e-4, atol=1e-5)
+    local = _find_sharded(dmp).tt_tables
+    if "t_tw" in local:  # the hot-row cache was refreshed and used, and picked the reference's rows
+        assert local["t_tw"].cache_stats()["hits"] > 0
+        assert torch.equal(local["t_tw"].cache.cached_ids, ref.tt_tables["t_tw"].cache.cached_ids)
     return {"plan": str(plan), "losses": losses, "local_tt": sorted(_find_sharded(dmp).tt_tables.keys())}
 
 

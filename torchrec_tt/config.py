@@ -26,8 +26,9 @@ class TTEmbeddingBagConfig(EmbeddingBagConfig):
       ``FusedOptimizerConfig`` / optimizer name (``"sgd"``, ``"adagrad"``, ``"rowwise_adagrad"``) to
       update the cores inside backward; ``learning_rate`` / ``eps`` apply when a name is given.
     - ``bounds_check_mode``: ``"error"`` (default), ``"warn"`` or ``"ignore"``.
-    - ``cache_rows``, ``cache_policy``: reserved for the hot-row cache (later issue). **Not implemented
-      yet**: a non-zero ``cache_rows`` or a ``cache_policy`` raises ``NotImplementedError``.
+    - ``cache_rows`` / ``cache_fraction`` / ``cache_bytes``: hot-row cache of that many uncompressed rows,
+      that fraction of ``num_embeddings``, or as many rows as fit the byte budget (default: no cache);
+      ``cache_refresh_interval`` / ``cache_decay``: see ``torchrec_tt.modules.cache``.
 
     Plain ``EmbeddingBagConfig`` entries in the same collection stay dense.
     """
@@ -42,15 +43,15 @@ class TTEmbeddingBagConfig(EmbeddingBagConfig):
     eps: Optional[float] = None
     bounds_check_mode: str = "error"
     cache_rows: int = 0
-    cache_policy: Optional[str] = None
+    cache_fraction: Optional[float] = None
+    cache_bytes: Optional[int] = None
+    cache_refresh_interval: int = 1000
+    cache_decay: float = 0.999
 
-    def __post_init__(self) -> None:
-        parent_post_init = getattr(super(), "__post_init__", None)
-        if parent_post_init is not None:
-            parent_post_init()
-        if self.cache_rows or self.cache_policy is not None:
-            raise NotImplementedError(
-                f"table '{self.name}': the TT hot-row cache (cache_rows / cache_policy) is not implemented yet")
+    def cache_kwargs(self) -> dict:
+        """The hot-row cache arguments of ``TTEmbeddingBag``."""
+        return dict(cache_rows=self.cache_rows, cache_fraction=self.cache_fraction, cache_bytes=self.cache_bytes,
+                    cache_refresh_interval=self.cache_refresh_interval, cache_decay=self.cache_decay)
 
     def fused_optimizer_config(self) -> Optional[FusedOptimizerConfig]:
         """The fused optimizer this table asks for (``None`` for dense core gradients)."""

@@ -160,12 +160,10 @@ class ShardedTTEmbeddingBagCollection(ShardedModule[Any, Any, KeyedTensor, Any],
                 continue
             src: TTEmbeddingBag = module.tt_tables[name]
             dst = tt_module_from_config(config, device)
-            with torch.no_grad():
-                if not src.cores[0].is_meta:
-                    for a, b in zip(dst.cores, src.cores):
-                        a.copy_(b)
-                    for a, b in zip(dst.optimizer_state(), src.optimizer_state()):
-                        a.copy_(b)
+            if not src.cores[0].is_meta:  # cores, fused optimizer state, hot-row cache
+                dst.load_state_dict(src.state_dict())
+            if owner is not None and dst.cache is not None:
+                dst.cache.process_group = None  # the owner sees every rank's ids: nothing to agree on
             mark_in_backward(dst)
             local[name] = dst
         self.tt_tables = nn.ModuleDict(local)
@@ -187,24 +185,17 @@ class ShardedTTEmbeddingBagCollection(ShardedModule[Any, Any, KeyedTensor, Any],
             self._comms["kjt"] = KJTAllToAll(self._pg, [len(s) for s in self._tw_slots_by_rank])
             self._comms["pooled"] = PooledEmbeddingsAllToAll(self._pg, self._tw_dims, device)
 
-        # ShardedTensor views of table-wise state (cores + fused optimizer state), built once
+        # ShardedTensor views of table-wise state (cores, fused optimizer state, hot-row cache), built
+        # once: they alias the live tensors, which are only ever updated in place
         self._tw_state: Dict[str, ShardedTensor] = {}
         for name, (kind, owner) in self._tt_placement.items():
             if owner is None:
                 continue
-            ref = module.tt_tables[name]
-            live = self.tt_tables[name] if name in self.tt_tables else None
-            for k, core in enumerate(ref.cores):
-                t = live.cores[k].detach() if live is not None else None
-                self._tw_state[f"tt_tables.{name}.cores.{k}"] = _whole_on_rank(
-                    t, core.shape, core.dtype, owner, device, self._pg)
-            for k in range(len(ref.cores)):
-                key = f"optimizer_state_{k}"
-                if hasattr(ref, key):
-                    buf = getattr(ref, key)
-                    t = getattr(live, key) if live is not None else None
-                    self._tw_state[f"tt_tables.{name}.{key}"] = _whole_on_rank(
-                        t, buf.shape, buf.dtype, owner, device, self._pg)
+            live = self.tt_tables[name].state_dict(keep_vars=True) if name in self.tt_tables else None
+            for key, ref in module.tt_tables[name].state_dict(keep_vars=True).items():
+                t = live[key].detach() if live is not None else None
+                self._tw_state[f"tt_tables.{name}.{key}"] = _whole_on_rank(
+                    t, ref.shape, ref.dtype, owner, device, self._pg)
         self._fused = self._build_fused_optimizer()
         self.register_state_dict_post_hook(ShardedTTEmbeddingBagCollection._post_state_dict_hook)
         self.register_load_state_dict_pre_hook(ShardedTTEmbeddingBagCollection._pre_load_state_dict_hook)

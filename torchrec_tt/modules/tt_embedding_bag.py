@@ -12,6 +12,7 @@ from .. import ops
 from ..decomposition import tt_svd
 from ..init import INIT_METHODS, init_cores_
 from ..reference import tt_full_weight, tt_rows
+from .cache import TTRowCache, resolve_cache_rows
 from ..shapes import clip_ranks, full_ranks, suggest_p_shapes, suggest_q_shapes, tt_num_parameters
 
 __all__ = ["FusedOptimizerConfig", "TTEmbeddingBag"]
@@ -65,6 +66,11 @@ class TTEmbeddingBag(nn.Module):
             / optimizer name to update the cores inside backward.
         bounds_check_mode: ``"error"`` (default), ``"warn"`` or ``"ignore"`` for ids outside ``[0, N)``.
         name: the table name used in error messages.
+        cache_rows / cache_fraction / cache_bytes: hot-row cache (issue 5) of that many rows, that
+            fraction of ``N``, or as many rows as fit the byte budget (weights + their optimizer state);
+            at most one, default no cache. See ``torchrec_tt.modules.cache``.
+        cache_refresh_interval: training forward calls between automatic refreshes (also ``refresh_cache()``).
+        cache_decay: per-training-step decay of the id counts that pick the cached rows.
 
     Example::
 
@@ -95,6 +101,12 @@ class TTEmbeddingBag(nn.Module):
         name: str = "tt_table",
         device: Optional[torch.device] = None,
         dtype: torch.dtype = torch.float32,
+        # hot-row cache (issue 5), off by default
+        cache_rows: int = 0,
+        cache_fraction: Optional[float] = None,
+        cache_bytes: Optional[int] = None,
+        cache_refresh_interval: int = 1000,
+        cache_decay: float = 0.999,
     ) -> None:
         super().__init__()
         if num_embeddings <= 0 or embedding_dim <= 0:
@@ -128,6 +140,11 @@ class TTEmbeddingBag(nn.Module):
             for k in range(d))
         self._register_optimizer_state()
         self.reset_parameters()
+        # hot-row cache (issue 5): uncompressed copies of the most frequent rows, or None
+        rows = resolve_cache_rows(name, self.num_embeddings, self.embedding_dim, self.cores[0].element_size(),
+                                  optimizer.name if optimizer is not None else None, cache_rows,
+                                  cache_fraction, cache_bytes, cache_refresh_interval, cache_decay)
+        self.cache = TTRowCache(self, rows, cache_refresh_interval, cache_decay) if rows else None
 
     # ---- construction helpers --------------------------------------------------------------------
 
@@ -152,6 +169,8 @@ class TTEmbeddingBag(nn.Module):
             init_cores_(list(self.cores), self.num_embeddings, self.weights_init, generator=generator)
         for s in self.optimizer_state():
             s.zero_()
+        if getattr(self, "cache", None) is not None:  # cached rows came from the old cores
+            self.cache.reset()
 
     @classmethod
     def from_dense(cls, weight: torch.Tensor, tt_ranks: Union[int, Sequence[int]],
@@ -229,12 +248,25 @@ class TTEmbeddingBag(nn.Module):
             raise ValueError(f"table '{self.name}': input must be 1-D or 2-D, got shape {tuple(input.shape)}")
         common = dict(num_embeddings=self.num_embeddings, mode=self.mode, include_last_offset=include_last_offset,
                       bounds_check_mode=self.bounds_check_mode, table_name=self.name)
+        if self.cache is not None:  # hot-row cache (issue 5): cached ids skip the TT chain
+            return self.cache.lookup(self, input, offsets, per_sample_weights, include_last_offset)
         cores = list(self.cores)
         if self.optimizer is None or not torch.is_grad_enabled():
             return ops.tt_embedding_bag(cores, input, offsets, per_sample_weights, **common)
         return ops.tt_embedding_bag_fused(cores, self.optimizer_state(), input, offsets, per_sample_weights,
                                           optimizer=self.optimizer.name, learning_rate=self.optimizer.learning_rate,
                                           eps=self.optimizer.eps, **common)
+
+    # ---- hot-row cache (issue 5) -----------------------------------------------------------------
+
+    def refresh_cache(self) -> None:
+        """Re-pick the cached rows now (write-back of evicted trained rows, admission from the cores)."""
+        if self.cache is not None:
+            self.cache.refresh(self)
+
+    def cache_stats(self) -> dict:
+        """Hits, misses, hit rate, evictions, write-back residual (empty dict without a cache)."""
+        return self.cache.stats() if self.cache is not None else {}
 
     def extra_repr(self) -> str:
         opt = self.optimizer.name if self.optimizer else None

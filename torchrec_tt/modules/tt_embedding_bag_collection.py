@@ -27,7 +27,7 @@ def tt_module_from_config(config: TTEmbeddingBagConfig, device: Optional[torch.d
         num_cores=config.num_cores, mode=_POOLING[config.pooling], include_last_offset=True,
         weights_init=config.weights_init, optimizer=config.fused_optimizer_config(),
         bounds_check_mode=config.bounds_check_mode, name=config.name, device=device,
-        dtype=torch.float32)
+        dtype=torch.float32, **config.cache_kwargs())
     mark_in_backward(table)
     return table
 
@@ -36,7 +36,8 @@ def mark_in_backward(table: TTEmbeddingBag) -> None:
     """Mark the cores of a fused-optimizer table with TorchRec's in-backward convention, so
     ``torchrec.optim.optimizers.in_backward_optimizer_filter`` keeps them out of dense optimizers."""
     if table.optimizer is not None:
-        for core in table.cores:
+        cached = [table.cache.weight] if table.cache is not None else []
+        for core in list(table.cores) + cached:
             core._in_backward_optimizers = [table.optimizer]  # type: ignore[attr-defined]
             core._optimizer_classes = []  # type: ignore[attr-defined]
 

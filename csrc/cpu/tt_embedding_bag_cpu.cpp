@@ -21,15 +21,29 @@ namespace {
 constexpr int64_t kNodeGrain = 8;
 constexpr int64_t kBagGrain = 64;
 
+// Scratch buffers reused across calls on the calling thread (worker threads only see pointers).
+// Fresh multi-MB vectors every step cost page faults, since glibc hands large blocks back to the
+// OS on free: that was half of the step time at the benchmark configuration. Contents are stale:
+// every user initialises what it reads.
+enum ScratchSlot : size_t { kRowGrad = 0, kPrevGrad, kChildGrad, kCoreT, kFirstLevel };
+
+template <typename T>
+T* scratch(size_t slot, size_t numel) {
+  thread_local std::vector<std::vector<T>> pool;
+  if (pool.size() <= slot) pool.resize(slot + 1);
+  if (pool[slot].size() < numel) pool[slot].resize(numel);
+  return pool[slot].data();
+}
+
 // Partial products P_k[j] (m_k x r_{k+1}, m_k = q_0...q_k) of the prefix-tree nodes of levels 0..last.
 template <typename T>
 struct Partials {
   const T* core0 = nullptr;
-  std::vector<std::vector<T>> level;
+  std::vector<T*> level;        // scratch, level k >= 1
   std::vector<int64_t> stride;  // elements per node at level k
 
   const T* node(const TTPlan& plan, int64_t k, int64_t j) const {
-    return k == 0 ? core0 + plan.digit[0][j] * stride[0] : level[k].data() + j * stride[k];
+    return k == 0 ? core0 + plan.digit[0][j] * stride[0] : level[k] + j * stride[k];
   }
 };
 
@@ -45,12 +59,13 @@ Partials<T> compute_partials(const TTShape& s, const TTPlan& plan, at::TensorLis
     const int64_t m_prev = m;
     m *= s.q[k];
     P.stride[k] = m * s.r[k + 1];
-    P.level[k].assign(plan.level_size(k) * P.stride[k], T(0));
+    P.level[k] = scratch<T>(kFirstLevel + k, plan.level_size(k) * P.stride[k]);
     const T* core = cores[k].data_ptr<T>();
     const int64_t slice = s.slice_numel(k);
     at::parallel_for(0, plan.level_size(k), kNodeGrain, [&](int64_t lo, int64_t hi) {
       for (int64_t j = lo; j < hi; ++j) {
-        gemm_nn_acc(P.level[k].data() + j * P.stride[k], P.node(plan, k - 1, plan.parent[k][j]),
+        std::fill_n(P.level[k] + j * P.stride[k], P.stride[k], T(0));
+        gemm_nn_acc(P.level[k] + j * P.stride[k], P.node(plan, k - 1, plan.parent[k][j]),
                     core + plan.digit[k][j] * slice, m_prev, s.r[k], s.q[k] * s.r[k + 1]);
       }
     });
@@ -117,10 +132,12 @@ void backward_impl(const TTShape& s, const TTPlan& plan, at::TensorList cores, c
   }
 
   // Gradient of each unique row: its occurrences' bag gradients, weighted.
-  std::vector<T> d_cur(plan.num_unique() * D, T(0));
+  size_t cur_slot = kRowGrad, prev_slot = kPrevGrad;
+  T* d_cur = scratch<T>(cur_slot, plan.num_unique() * D);
   at::parallel_for(0, plan.num_unique(), kNodeGrain, [&](int64_t lo, int64_t hi) {
     for (int64_t u = lo; u < hi; ++u) {
-      T* du = d_cur.data() + u * D;
+      T* du = d_cur + u * D;
+      std::fill_n(du, D, T(0));
       for (int64_t o = plan.occ_start[u]; o < plan.occ_start[u + 1]; ++o) {
         const int64_t pos = plan.occ[o];
         const T c = pool_coef(plan, psw, mean, pos);
@@ -142,31 +159,32 @@ void backward_impl(const TTShape& s, const TTPlan& plan, at::TensorList cores, c
     // parents), then a cheap per-parent sum.
     const auto& start = plan.by_digit_start[k];
     const auto& order = plan.by_digit[k];
-    std::vector<T> core_t(s.p[k] * slice);
+    T* core_t = scratch<T>(kCoreT, s.p[k] * slice);
     at::parallel_for(0, s.p[k], kNodeGrain, [&](int64_t lo, int64_t hi) {
       for (int64_t v = lo; v < hi; ++v) {
         if (start[v] == start[v + 1]) continue;
         const T* src = core + v * slice;
-        T* dst = core_t.data() + v * slice;
+        T* dst = core_t + v * slice;
         for (int64_t a = 0; a < s.r[k]; ++a)
           for (int64_t b = 0; b < n; ++b) dst[b * s.r[k] + a] = src[a * n + b];
       }
     });
     const int64_t block = m * s.r[k];
-    std::vector<T> per_child(plan.level_size(k) * block, T(0));
+    T* per_child = scratch<T>(kChildGrad, plan.level_size(k) * block);
     at::parallel_for(0, plan.level_size(k), kNodeGrain, [&](int64_t lo, int64_t hi) {
       for (int64_t j = lo; j < hi; ++j) {
-        gemm_nn_acc(per_child.data() + j * block, d_cur.data() + j * m * n,
-                    core_t.data() + plan.digit[k][j] * slice, m, n, s.r[k]);
+        std::fill_n(per_child + j * block, block, T(0));
+        gemm_nn_acc(per_child + j * block, d_cur + j * m * n, core_t + plan.digit[k][j] * slice, m, n, s.r[k]);
       }
     });
-    std::vector<T> d_prev(plan.level_size(k - 1) * block, T(0));
+    T* d_prev = scratch<T>(prev_slot, plan.level_size(k - 1) * block);
     const auto& fc = plan.first_child[k - 1];
     at::parallel_for(0, plan.level_size(k - 1), kNodeGrain, [&](int64_t lo, int64_t hi) {
       for (int64_t jp = lo; jp < hi; ++jp) {
-        T* dst = d_prev.data() + jp * block;
+        T* dst = d_prev + jp * block;
+        std::fill_n(dst, block, T(0));
         for (int64_t j = fc[jp]; j < fc[jp + 1]; ++j) {
-          const T* src = per_child.data() + j * block;
+          const T* src = per_child + j * block;
           for (int64_t e = 0; e < block; ++e) dst[e] += src[e];
         }
       }
@@ -179,16 +197,17 @@ void backward_impl(const TTShape& s, const TTPlan& plan, at::TensorList cores, c
         std::fill(buf.begin(), buf.end(), T(0));
         for (int64_t t = start[v]; t < start[v + 1]; ++t) {
           const int64_t j = order[t];
-          gemm_tn_acc(buf.data(), P.node(plan, k - 1, plan.parent[k][j]), d_cur.data() + j * m * n, m, s.r[k], n);
+          gemm_tn_acc(buf.data(), P.node(plan, k - 1, plan.parent[k][j]), d_cur + j * m * n, m, s.r[k], n);
         }
         on_slice(k, v, buf.data());
       }
     });
-    d_cur.swap(d_prev);
+    std::swap(cur_slot, prev_slot);
+    d_cur = d_prev;
   }
   // Level 0 nodes have distinct digits: their gradient is the core-0 slice gradient.
   at::parallel_for(0, plan.level_size(0), kNodeGrain, [&](int64_t lo, int64_t hi) {
-    for (int64_t j = lo; j < hi; ++j) on_slice(0, plan.digit[0][j], d_cur.data() + j * s.slice_numel(0));
+    for (int64_t j = lo; j < hi; ++j) on_slice(0, plan.digit[0][j], d_cur + j * s.slice_numel(0));
   });
 }
 

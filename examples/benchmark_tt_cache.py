@@ -27,7 +27,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchmark_tt_embedding import bench_tbe, median_ms, zipf_ids  # noqa: E402,F401
+from benchmark_tt_embedding import add_config_args, bench_tbe, median_ms, zipf_ids  # noqa: E402,F401
 
 from torchrec_tt import TTEmbeddingBag  # noqa: E402
 
@@ -157,14 +157,7 @@ def print_layout(args, layout: str, res: dict) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rows", type=int, default=10_131_227)
-    ap.add_argument("--dim", type=int, default=16)
-    ap.add_argument("--p", type=int, nargs="+", default=[200, 220, 250])
-    ap.add_argument("--q", type=int, nargs="+", default=[2, 2, 4])
-    ap.add_argument("--rank", type=int, default=32)
-    ap.add_argument("--batch", type=int, default=8192)
-    ap.add_argument("--alpha", type=float, default=1.05)
-    ap.add_argument("--threads", type=int, default=2)
+    add_config_args(ap)
     ap.add_argument("--fractions", type=float, nargs="+", default=[0.0, 0.001, 0.01])
     ap.add_argument("--layouts", nargs="+", choices=["zipf", "hashed"], default=["zipf", "hashed"])
     ap.add_argument("--warm-refreshes", type=int, default=4)

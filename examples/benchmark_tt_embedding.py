@@ -96,8 +96,8 @@ def bench_naive(table, ids, offsets, lr, iters, dedupe=False):
     return ms, 2 * sum(c.numel() * 4 for c in cores)  # cores + their dense gradients
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_config_args(ap: argparse.ArgumentParser) -> None:
+    """The table/batch configuration shared by the CPU benchmarks (DESIGN.md §6 by default)."""
     ap.add_argument("--rows", type=int, default=10_131_227)
     ap.add_argument("--dim", type=int, default=16)
     ap.add_argument("--p", type=int, nargs="+", default=[200, 220, 250])
@@ -106,6 +106,11 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8192)
     ap.add_argument("--alpha", type=float, default=1.05)
     ap.add_argument("--threads", type=int, default=2)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(ap)
     ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--naive-iters", type=int, default=7)
     ap.add_argument("--no-tbe", action="store_true", help="skip FBGEMM (e.g. where fbgemm_gpu is absent)")

@@ -23,13 +23,13 @@ build: $(VENV)/.deps
 	$(PIP) install -q --no-build-isolation -e .
 
 test: build
-	$(PY) -m pytest -q tests
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -q tests
 
 # DLRM with TT tables on 2 CPU ranks (synthetic Criteo-shaped data, tables at 1/10 Kaggle size):
 # prints the plan and a summary, writes out/dlrm_demo/curve.png. The single-table demo is
 # examples/demo_tt_table.py.
 demo: build
-	$(PY) -m torch.distributed.run --nproc_per_node 2 examples/dlrm/train.py --scale-tables 0.1 --steps 1000 \
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m torch.distributed.run --nproc_per_node 2 examples/dlrm/train.py --scale-tables 0.1 --steps 1000 \
 		--threads 1 --out out/dlrm_demo
 
 bench: build

@@ -168,7 +168,9 @@ def test_torchx_restart_after_a_rank_dies(two_rank_run, tmp_path):
     argv = argv[:argv.index("--ckpt-dir")] + ["--ckpt-dir", str(tmp_path / "ckpt"), "--ckpt-every", "10",
                                              "--out", str(tmp_path / "out")]
     torchx = os.path.join(os.path.dirname(sys.executable), "torchx")
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    # the component runs `torchrun` from PATH (as on a cluster image): this interpreter's bin comes first
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
     cmd = [torchx, "run", "-s", "local_cwd", "examples/dlrm/component.py:dlrm", "-j", "1x2", "--max_retries", "2",
            "--env", f"DLRM_FAIL_AT_STEP=15,PYTHONPATH={ROOT}", "--", *argv]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

@@ -17,11 +17,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 CRITEO = "/work/shared/data/criteo_kaggle_head7k.tsv"
 
 
-def synthetic_runs(steps: int):
+def synthetic_runs(steps: int, seeds: int = 2):
     common = ["--scale-tables", "0.1", "--tt-tables", "5", "--batch-size", "1024", "--steps", str(steps),
               "--eval-batches", "64", "--eval-every", str(steps // 4)]
     runs = {}
-    for seed in (0, 1):
+    for seed in range(seeds):  # dense vs the >= 100x TT point, paired by seed
         runs[f"dense_s{seed}"] = common + ["--tt-tables", "0", "--seed", str(seed)]
         runs[f"tt_r16_s{seed}"] = common + ["--tt-rank", "16", "--seed", str(seed)]
     for rank in (8, 32, 64):
@@ -95,10 +95,11 @@ def main():
     p.add_argument("--out", default="out/study")
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--seeds", type=int, default=2, help="seeds of the dense and rank-16 synthetic runs")
     p.add_argument("--data", default=CRITEO)
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    runs = synthetic_runs(args.steps) if args.which == "synthetic" else criteo_runs(args.data)
+    runs = synthetic_runs(args.steps, args.seeds) if args.which == "synthetic" else criteo_runs(args.data)
     with ThreadPoolExecutor(args.jobs) as pool:
         results = dict(zip(runs, pool.map(lambda kv: run(kv[0], kv[1], args.out), runs.items())))
     md = table(results)

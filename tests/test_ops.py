@@ -244,6 +244,12 @@ def test_bad_input_raises_and_leaves_state_untouched(case, change, exc, msg, opt
         assert torch.equal(v, before[k]), k
 
 
+def test_half_cores_on_cpu_are_rejected_by_name():
+    cores = [c.half() for c in random_cores([4, 4], [2, 2], [1, 2, 1])]
+    with pytest.raises(TypeError, match=r"table 't': CPU kernels take float32 or float64 cores, got Half"):
+        ops.tt_embedding_bag(cores, torch.tensor([1]), torch.tensor([0]), num_embeddings=16, table_name="t")
+
+
 def test_include_last_offset_must_cover_all_ids():
     t = TTEmbeddingBag(100, 8, tt_ranks=4, include_last_offset=True, name="items")
     with pytest.raises(ValueError, match=r"table 'items': with include_last_offset=True the last offset \(2\) must equal"):

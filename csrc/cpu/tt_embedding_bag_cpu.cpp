@@ -246,6 +246,9 @@ Args prepare(const std::string& table, at::TensorList cores, const at::Tensor& i
   a.shape = check_tt_args(table, cores, indices, offsets, psw, num_embeddings, pooling_mode, include_last_offset,
                           bounds_check_mode);
   TT_CHECK(cores[0].device().is_cpu(), VALUE, table, "CPU kernel called with cores on ", cores[0].device());
+  TT_CHECK(cores[0].scalar_type() == at::kFloat || cores[0].scalar_type() == at::kDouble, TYPE, table,
+           "CPU kernels take float32 or float64 cores, got ", cores[0].scalar_type(),
+           " (half/bfloat16 cores are supported on CUDA)");
   // Backward drops what forward was told to drop (an error would already have been raised there).
   const auto mode = backward ? BoundsCheckMode::kIgnore : static_cast<BoundsCheckMode>(bounds_check_mode);
   a.plan = build_plan(table, a.shape, indices, offsets, psw, include_last_offset, mode, backward);

@@ -132,7 +132,13 @@ def _equivalence(rank, world):
     kjt = batch(tables, 999 + rank)
     torch.testing.assert_close(dmp(kjt).values(), ref(kjt).values(), rtol=1e-4, atol=1e-5)
     local = _find_sharded(dmp).tt_tables
-    if "t_tw" in local:  # the hot-row cache was refreshed and used, and picked the reference's rows
+    # a learning-rate change on dmp.fused_optimizer (a scheduler's job) reaches the fused TT table
+    for group in dmp.fused_optimizer.param_groups:
+        if group.get("optimizer") == "adagrad":
+            group["lr"] = 0.0123
+    dmp.fused_optimizer.step()
+    if "t_tw" in local:
+        assert local["t_tw"].optimizer.learning_rate == 0.0123  # the hot-row cache was refreshed and used, and picked the reference's rows
         assert local["t_tw"].cache_stats()["hits"] > 0
         assert torch.equal(local["t_tw"].cache.cached_ids, ref.tt_tables["t_tw"].cache.cached_ids)
     return {"plan": str(plan), "losses": losses, "local_tt": sorted(_find_sharded(dmp).tt_tables.keys())}

@@ -85,17 +85,22 @@ def _whole_on_rank(tensor: Optional[torch.Tensor], shape: torch.Size, dtype: tor
 
 
 class _TTFusedOptimizer(KeyedOptimizer):
-    """Exposes fused TT tables' optimizer state by key; ``step``/``zero_grad`` do nothing (the update
-    runs inside backward)."""
+    """Exposes fused TT tables' optimizer state by key. The update itself runs inside backward, so
+    ``step`` only carries learning-rate changes (schedulers, warmup) from ``param_groups`` to the local
+    tables, which apply them from the next backward on (as FBGEMM's fused optimizer does)."""
 
-    def __init__(self, params: Dict[str, Any], state: Dict[Any, Any], param_groups: List[Dict[str, Any]]):
+    def __init__(self, params: Dict[str, Any], state: Dict[Any, Any], param_groups: List[Dict[str, Any]],
+                 tables: List[Optional[TTEmbeddingBag]]):
         super().__init__(params, state, param_groups)
+        self._tables = tables  # per group: the table on this rank, or None where another rank owns it
 
     def zero_grad(self, set_to_none: bool = False) -> None:
         pass
 
     def step(self, closure: Any = None) -> None:
-        pass
+        for group, table in zip(self.param_groups, self._tables):
+            if table is not None:
+                table.optimizer.learning_rate = float(group["lr"])
 
     def update_hyper_parameters(self, params_dict: Dict[str, Any]) -> None:  # pragma: no cover
         pass
@@ -206,6 +211,7 @@ class ShardedTTEmbeddingBagCollection(ShardedModule[Any, Any, KeyedTensor, Any],
         params: Dict[str, Any] = {}
         state: Dict[Any, Any] = {}
         groups: List[Dict[str, Any]] = []
+        tables: List[Optional[TTEmbeddingBag]] = []
         for name, config in self._tt_configs.items():
             opt = config.fused_optimizer_config()
             if opt is None:
@@ -221,7 +227,8 @@ class ShardedTTEmbeddingBagCollection(ShardedModule[Any, Any, KeyedTensor, Any],
                     state[p] = {f"{name}.{opt.name}_state_{k}": self._tw_state[skey]}
             groups.append({"params": group_params, "lr": opt.learning_rate, "eps": opt.eps,
                            "optimizer": opt.name})
-        tt_opt = _TTFusedOptimizer(params, state, groups)
+            tables.append(self.tt_tables[name] if name in self.tt_tables else None)
+        tt_opt = _TTFusedOptimizer(params, state, groups, tables)
         parts: List[Tuple[str, KeyedOptimizer]] = []
         if self.dense is not None and isinstance(self.dense, FusedOptimizerModule):
             parts.append(("dense", self.dense.fused_optimizer))

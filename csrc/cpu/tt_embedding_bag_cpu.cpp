@@ -189,16 +189,25 @@ void backward_impl(const TTShape& s, const TTPlan& plan, at::TensorList cores, c
         }
       }
     });
-    // dG_k[v] = sum over nodes with digit v of P_{k-1}[parent]^T @ dP_k[node]; one thread per slice.
+    // dG_k[v] = sum over nodes with digit v of P_{k-1}[parent]^T @ dP_k[node], one thread per slice:
+    // the nodes' P and dP rows are stacked so the sum is one product of depth (nodes x m_{k-1}), whose
+    // register tiles then stay in registers across all the nodes.
+    const int64_t p_rows = m * s.r[k];
     at::parallel_for(0, s.p[k], kNodeGrain, [&](int64_t lo, int64_t hi) {
-      std::vector<T> buf(slice);
+      thread_local std::vector<T> buf, a_stack, b_stack;  // per worker, reused across calls
+      buf.resize(slice);
       for (int64_t v = lo; v < hi; ++v) {
-        if (start[v] == start[v + 1]) continue;
-        std::fill(buf.begin(), buf.end(), T(0));
-        for (int64_t t = start[v]; t < start[v + 1]; ++t) {
-          const int64_t j = order[t];
-          gemm_tn_acc(buf.data(), P.node(plan, k - 1, plan.parent[k][j]), d_cur + j * m * n, m, s.r[k], n);
+        const int64_t nodes = start[v + 1] - start[v];
+        if (nodes == 0) continue;
+        a_stack.resize(std::max<size_t>(a_stack.size(), nodes * p_rows));
+        b_stack.resize(std::max<size_t>(b_stack.size(), nodes * m * n));
+        for (int64_t t = 0; t < nodes; ++t) {
+          const int64_t j = order[start[v] + t];
+          std::copy_n(P.node(plan, k - 1, plan.parent[k][j]), p_rows, a_stack.data() + t * p_rows);
+          std::copy_n(d_cur + j * m * n, m * n, b_stack.data() + t * m * n);
         }
+        std::fill(buf.begin(), buf.end(), T(0));
+        gemm_tn_acc(buf.data(), a_stack.data(), b_stack.data(), nodes * m, s.r[k], n);
         on_slice(k, v, buf.data());
       }
     });

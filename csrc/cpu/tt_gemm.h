@@ -13,29 +13,89 @@
 
 namespace torchrec_tt::cpu {
 
-// C[rows, n] += sum_t A(row, t) * B[t, :], with A(row, t) = a[row * a_row + t * a_col].
+// C[rows, cols] += sum_t A(row, t) * B[t, :], with A(row, t) = a[row * a_row + t * a_col]; C and B rows
+// are ldc / ldb apart. The column loop is contiguous (vectorised); four rows of B per pass so C is
+// loaded and stored 4x less. Used for column blocks narrower than a register tile.
+template <typename T>
+inline __attribute__((always_inline)) void rank_update_rows(T* __restrict__ c, int64_t ldc, const T* __restrict__ a,
+                                                            int64_t a_row, int64_t a_col, const T* __restrict__ b,
+                                                            int64_t ldb, int64_t rows, int64_t depth, int64_t cols) {
+  for (int64_t i = 0; i < rows; ++i) {
+    T* __restrict__ ci = c + i * ldc;
+    const T* ai = a + i * a_row;
+    int64_t t = 0;
+    for (; t + 4 <= depth; t += 4) {
+      const T a0 = ai[t * a_col], a1 = ai[(t + 1) * a_col], a2 = ai[(t + 2) * a_col], a3 = ai[(t + 3) * a_col];
+      const T* b0 = b + t * ldb;
+#pragma omp simd
+      for (int64_t j = 0; j < cols; ++j)
+        ci[j] += a0 * b0[j] + a1 * b0[ldb + j] + a2 * b0[2 * ldb + j] + a3 * b0[3 * ldb + j];
+    }
+    for (; t < depth; ++t) {
+      const T at = ai[t * a_col];
+      const T* bt = b + t * ldb;
+#pragma omp simd
+      for (int64_t j = 0; j < cols; ++j) ci[j] += at * bt[j];
+    }
+  }
+}
+
+// One MT x (NV vectors) block of C kept in registers over the whole depth: B is read once per block
+// and C loaded and stored once (instead of once per pass of the row loop above). GCC vector types
+// (64 bytes) become one zmm, two ymm or four xmm registers depending on the clone's ISA.
+template <typename T>
+using Vec64 = T __attribute__((vector_size(64), aligned(alignof(T))));
+
+template <typename T, int MT, int NV>
+inline __attribute__((always_inline)) void register_tile(T* __restrict__ c, int64_t ldc, const T* __restrict__ a,
+                                                         int64_t a_row, int64_t a_col, const T* __restrict__ b,
+                                                         int64_t ldb, int64_t depth) {
+  using V = Vec64<T>;
+  constexpr int L = 64 / sizeof(T);
+  V acc[MT][NV];
+#pragma GCC unroll 8
+  for (int i = 0; i < MT; ++i)
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) acc[i][v] = V{};
+  for (int64_t t = 0; t < depth; ++t) {
+    V bv[NV];
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) __builtin_memcpy(&bv[v], b + t * ldb + v * L, sizeof(V));
+#pragma GCC unroll 8
+    for (int i = 0; i < MT; ++i) {
+      const T av = a[i * a_row + t * a_col];
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) acc[i][v] += av * bv[v];
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < MT; ++i)
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) {
+      V cv;
+      __builtin_memcpy(&cv, c + i * ldc + v * L, sizeof(V));
+      cv += acc[i][v];
+      __builtin_memcpy(c + i * ldc + v * L, &cv, sizeof(V));
+    }
+}
+
+// C[rows, n] += sum_t A(row, t) * B[t, :] (C, B contiguous with n columns).
 // Covers C += A @ B (a_row = depth, a_col = 1) and C += A^T @ B (a_row = 1, a_col = rows).
 template <typename T>
 inline __attribute__((always_inline)) void rank_update(T* __restrict__ c, const T* __restrict__ a,
                                                        int64_t a_row, int64_t a_col, const T* __restrict__ b,
                                                        int64_t rows, int64_t depth, int64_t n) {
-  for (int64_t i = 0; i < rows; ++i) {
-    T* __restrict__ ci = c + i * n;
-    const T* ai = a + i * a_row;
-    int64_t t = 0;
-    for (; t + 4 <= depth; t += 4) {  // four rows of B per pass: C is loaded and stored 4x less
-      const T a0 = ai[t * a_col], a1 = ai[(t + 1) * a_col], a2 = ai[(t + 2) * a_col], a3 = ai[(t + 3) * a_col];
-      const T* b0 = b + t * n;
-#pragma omp simd
-      for (int64_t j = 0; j < n; ++j) ci[j] += a0 * b0[j] + a1 * b0[n + j] + a2 * b0[2 * n + j] + a3 * b0[3 * n + j];
-    }
-    for (; t < depth; ++t) {
-      const T at = ai[t * a_col];
-      const T* bt = b + t * n;
-#pragma omp simd
-      for (int64_t j = 0; j < n; ++j) ci[j] += at * bt[j];
-    }
+  constexpr int NV = 2;                        // 64-byte vectors per tile row
+  constexpr int NT = NV * 64 / int(sizeof(T));  // columns per tile
+  constexpr int MT = 2;  // rows per tile: 2 x 2 accumulators (8 ymm on AVX2) leave room for B
+  int64_t j0 = 0;
+  for (; j0 + NT <= n; j0 += NT) {
+    int64_t i0 = 0;
+    for (; i0 + MT <= rows; i0 += MT)
+      register_tile<T, MT, NV>(c + i0 * n + j0, n, a + i0 * a_row, a_row, a_col, b + j0, n, depth);
+    for (; i0 < rows; ++i0) register_tile<T, 1, NV>(c + i0 * n + j0, n, a + i0 * a_row, a_row, a_col, b + j0, n, depth);
   }
+  if (j0 < n) rank_update_rows<T>(c + j0, n, a, a_row, a_col, b + j0, n, rows, depth, n - j0);
 }
 
 // Entry points, one per dtype; tt_gemm.cpp compiles each for several ISAs (the template body is

@@ -78,6 +78,31 @@ def test_forward_and_gradients_match_reference(b):
         torch.testing.assert_close(g_got, torch.zeros_like(g_got) if g_want is None else g_want)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("p,q,ranks", [
+    ([8, 8, 8], [4, 2, 2], [1, 8, 8, 1]),      # slices 16 wide: the register-tile path for float64
+    ([8, 8, 8], [2, 2, 4], [1, 16, 16, 1]),    # 32 wide: the register-tile path for float32
+    ([6, 7], [4, 8], [1, 32, 1]),              # d = 2, 256-wide slices, rows not a multiple of the tile
+    ([5, 6, 7, 3], [3, 2, 5, 2], [1, 12, 20, 9, 1]),  # d = 4, odd widths: tile + remainder columns
+])
+def test_production_sized_ranks_match_reference(p, q, ranks, dtype):
+    """The property test above draws tiny ranks; these shapes take the wide (register-tiled) kernels."""
+    cores = [c.to(dtype).requires_grad_() for c in random_cores(p, q, ranks, seed=7)]
+    n_rows = math.prod(p) - 3
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, n_rows, (300,), generator=g)
+    ids[:60] = ids[0]  # a hot id: nodes sharing prefixes and digits
+    offsets = torch.arange(0, 300, 3)
+    psw = torch.rand(300, generator=g, dtype=dtype)
+    out = ops.tt_embedding_bag(cores, ids, offsets, psw, num_embeddings=n_rows, mode="mean")
+    ref = tt_embedding_bag_reference(cores, ids, offsets, psw, mode="mean")
+    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else {}
+    torch.testing.assert_close(out, ref, **tol)
+    grad = torch.randn(out.shape, generator=g, dtype=dtype)
+    for got, want in zip(torch.autograd.grad(out, cores, grad), torch.autograd.grad(ref, cores, grad)):
+        torch.testing.assert_close(got, want, **tol)
+
+
 def test_float32_matches_float64():
     p, q, ranks = [7, 6, 5], [2, 3, 3], [1, 5, 4, 1]
     cores64 = random_cores(p, q, ranks)

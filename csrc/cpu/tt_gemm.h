@@ -44,13 +44,21 @@ inline __attribute__((always_inline)) void rank_update_rows(T* __restrict__ c, i
 // and C loaded and stored once (instead of once per pass of the row loop above). GCC vector types
 // (64 bytes) become one zmm, two ymm or four xmm registers depending on the clone's ISA.
 template <typename T>
-using Vec64 = T __attribute__((vector_size(64), aligned(alignof(T))));
+struct Vec64;  // (an alias template cannot carry vector_size: GCC drops it on a dependent type)
+template <>
+struct Vec64<float> {
+  typedef float type __attribute__((vector_size(64), aligned(alignof(float))));
+};
+template <>
+struct Vec64<double> {
+  typedef double type __attribute__((vector_size(64), aligned(alignof(double))));
+};
 
 template <typename T, int MT, int NV>
 inline __attribute__((always_inline)) void register_tile(T* __restrict__ c, int64_t ldc, const T* __restrict__ a,
                                                          int64_t a_row, int64_t a_col, const T* __restrict__ b,
                                                          int64_t ldb, int64_t depth) {
-  using V = Vec64<T>;
+  using V = typename Vec64<T>::type;
   constexpr int L = 64 / sizeof(T);
   V acc[MT][NV];
 #pragma GCC unroll 8

@@ -21,7 +21,7 @@ struct TTShape {
   int64_t num_embeddings = 0;
   int64_t embedding_dim = 0;
   std::vector<int64_t> p, q, r;  // r has d + 1 entries, r[0] = r[d] = 1
-  // Size of one slice G_k[i_k] (r_{k-1} * q_k * r_k) and of the partial product at level k.
+  // Size of one core slice G_k[i_k]: r_{k-1} * q_k * r_k numbers (0-based k: r[k] * q[k] * r[k+1]).
   int64_t slice_numel(int64_t k) const { return r[k] * q[k] * r[k + 1]; }
 };
 

@@ -100,6 +100,17 @@ FusedOptimizer parse_optimizer(const std::string& table, const std::string& name
   return FusedOptimizer::kSgd;
 }
 
+void check_fused_args(const std::string& table, at::TensorList cores, at::TensorList optimizer_state,
+                      const at::Tensor& indices, const at::Tensor& offsets,
+                      const std::optional<at::Tensor>& per_sample_weights, int64_t num_embeddings,
+                      int64_t pooling_mode, bool include_last_offset, int64_t bounds_check_mode,
+                      const std::string& optimizer, double learning_rate, double eps) {
+  const auto opt = parse_optimizer(table, optimizer);
+  check_tt_args(table, cores, indices, offsets, per_sample_weights, num_embeddings, pooling_mode,
+                include_last_offset, bounds_check_mode);
+  check_optimizer_state(table, opt, cores, optimizer_state, learning_rate, eps);
+}
+
 void check_optimizer_state(const std::string& table, FusedOptimizer opt, at::TensorList cores,
                            at::TensorList state, double learning_rate, double eps) {
   TT_CHECK(std::isfinite(learning_rate) && learning_rate >= 0, VALUE, table,

@@ -45,6 +45,15 @@ void check_grad_output(const std::string& table, const at::Tensor& grad, int64_t
 
 FusedOptimizer parse_optimizer(const std::string& table, const std::string& name);
 
+// Everything the fused forward checks beyond the plain forward (the optimizer name, its state and
+// hyper-parameters), so a bad optimizer configuration fails before any step. Every device's fused
+// forward is this check followed by its plain forward.
+void check_fused_args(const std::string& table, at::TensorList cores, at::TensorList optimizer_state,
+                      const at::Tensor& indices, const at::Tensor& offsets,
+                      const std::optional<at::Tensor>& per_sample_weights, int64_t num_embeddings,
+                      int64_t pooling_mode, bool include_last_offset, int64_t bounds_check_mode,
+                      const std::string& optimizer, double learning_rate, double eps);
+
 void check_optimizer_state(const std::string& table, FusedOptimizer opt, at::TensorList cores,
                            at::TensorList state, double learning_rate, double eps);
 

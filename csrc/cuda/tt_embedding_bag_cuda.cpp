@@ -249,11 +249,8 @@ at::Tensor tt_embedding_bag_fused(at::TensorList cores, at::TensorList optimizer
                                   int64_t num_embeddings, int64_t pooling_mode, bool include_last_offset,
                                   int64_t bounds_check_mode, c10::string_view optimizer, double learning_rate,
                                   double eps, c10::string_view table_name) {
-  const std::string table(table_name);
-  const auto opt = parse_optimizer(table, std::string(optimizer));
-  check_tt_args(table, cores, indices, offsets, psw, num_embeddings, pooling_mode, include_last_offset,
-                bounds_check_mode);
-  check_optimizer_state(table, opt, cores, optimizer_state, learning_rate, eps);
+  check_fused_args(std::string(table_name), cores, optimizer_state, indices, offsets, psw, num_embeddings,
+                   pooling_mode, include_last_offset, bounds_check_mode, std::string(optimizer), learning_rate, eps);
   return tt_embedding_bag(cores, indices, offsets, psw, num_embeddings, pooling_mode, include_last_offset,
                           bounds_check_mode, table_name);
 }

@@ -23,11 +23,11 @@ def random_cores(p, q, ranks, dtype=torch.float64, seed=0):
 
 
 @st.composite
-def tt_batches(draw):
+def tt_batches(draw, max_q=3, max_rank=4):
     d = draw(st.integers(2, 4))
     p = [draw(st.integers(1, 5)) for _ in range(d)]
-    q = [draw(st.integers(1, 3)) for _ in range(d)]
-    ranks = [1] + [draw(st.integers(1, 4)) for _ in range(d - 1)] + [1]
+    q = [draw(st.integers(1, max_q)) for _ in range(d)]
+    ranks = [1] + [draw(st.integers(1, max_rank)) for _ in range(d - 1)] + [1]
     n_rows = draw(st.integers(1, math.prod(p)))
     lengths = draw(st.lists(st.integers(0, 6), min_size=0, max_size=6))
     if not lengths and draw(st.booleans()):
@@ -54,6 +54,17 @@ def make_inputs(b):
 @settings(max_examples=150, deadline=None)
 @given(tt_batches())
 def test_forward_and_gradients_match_reference(b):
+    check_against_reference(b)
+
+
+@settings(max_examples=30, deadline=None)
+@given(tt_batches(max_q=6, max_rank=40))
+def test_wide_slices_match_reference(b):
+    """Wide core slices take the register-tiled kernels (>= 16 doubles per row) and their remainders."""
+    check_against_reference(b)
+
+
+def check_against_reference(b):
     cores = [c.requires_grad_() for c in random_cores(b["p"], b["q"], b["ranks"], seed=b["seed"])]
     ids, offsets, psw = make_inputs(b)
     if psw is not None:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import sys
 import time
@@ -103,31 +102,28 @@ def tt_module(cfg, optimizer):
                           tt_q_shapes=cfg["q"], mode="sum", optimizer=optimizer, device=DEVICE)
 
 
-def bench_naive(cfg, ids, offsets, grad, iters, warmup):
-    t = tt_module(cfg, None)
-    cores = list(t.cores)
+def bench_autograd(lookup, cfg, grad, iters, warmup):
+    """A step of a TT lookup with dense core gradients: lookup(cores) -> pooled, backward, torch SGD."""
+    cores = list(tt_module(cfg, None).cores)
     opt = torch.optim.SGD(cores, lr=LR)
 
     def step():
         opt.zero_grad(set_to_none=True)
-        tt_embedding_bag_reference(cores, ids, offsets, None, "sum", False).backward(grad)
+        lookup(cores).backward(grad)
         opt.step()
 
     return time_steps(step, iters, warmup)
+
+
+def bench_naive(cfg, ids, offsets, grad, iters, warmup):
+    return bench_autograd(lambda cores: tt_embedding_bag_reference(cores, ids, offsets, None, "sum", False),
+                          cfg, grad, iters, warmup)
 
 
 def bench_ours_dense(cfg, ids, offsets, grad, iters, warmup):
-    t = tt_module(cfg, None)
-    cores = list(t.cores)
-    opt = torch.optim.SGD(cores, lr=LR)
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        tt_embedding_bag(cores, ids, offsets, num_embeddings=cfg["num_rows"], mode="sum",
-                         bounds_check_mode="ignore").backward(grad)
-        opt.step()
-
-    return time_steps(step, iters, warmup)
+    return bench_autograd(lambda cores: tt_embedding_bag(cores, ids, offsets, num_embeddings=cfg["num_rows"],
+                                                         mode="sum", bounds_check_mode="ignore"),
+                          cfg, grad, iters, warmup)
 
 
 def bench_ours(cfg, ids, offsets, grad, iters, warmup, bounds_check_mode="ignore"):

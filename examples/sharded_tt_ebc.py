@@ -6,7 +6,6 @@ CPU / gloo. Dense tables go through TorchRec's own EBC sharding; TT tables are d
 table_wise (whichever the planner picks, within the constraints below).
 """
 import argparse
-import os
 
 import torch
 import torch.distributed as dist

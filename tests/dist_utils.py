@@ -64,3 +64,15 @@ def run_ranks(fn, *args, world_size: int = 2, timeout: float = 150.0):
     if errors:
         raise RuntimeError("\n".join(f"--- rank {r} ---\n{e}" for r, e in sorted(errors.items())))
     return [results[r] for r in range(world_size)]
+
+
+def random_kjt(tables, batch: int, seed: int, min_len: int, max_len: int):
+    """A seeded KJT over every feature of ``tables``: bag lengths in [min_len, max_len), ids in range."""
+    import torch
+    from torchrec import KeyedJaggedTensor
+    g = torch.Generator().manual_seed(seed)
+    feats = [(f, t.num_embeddings) for t in tables for f in t.feature_names]
+    lengths = torch.randint(min_len, max_len, (len(feats) * batch,), generator=g)
+    values = torch.cat([torch.randint(0, n, (int(lengths[i * batch:(i + 1) * batch].sum()),), generator=g)
+                        for i, (_, n) in enumerate(feats)])
+    return KeyedJaggedTensor.from_lengths_sync(keys=[f for f, _ in feats], values=values, lengths=lengths)

@@ -1,5 +1,4 @@
 """TTEmbeddingBagCollection vs torchrec.EmbeddingBagCollection with the TT tables densified."""
-import copy
 import dataclasses
 
 import pytest

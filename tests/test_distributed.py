@@ -3,11 +3,10 @@ import copy
 import os
 import sys
 
-import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from dist_utils import run_ranks  # noqa: E402
+from dist_utils import random_kjt, run_ranks  # noqa: E402
 
 BATCH, LR, STEPS = 4, 0.1, 3
 
@@ -34,13 +33,7 @@ CONSTRAINTS = {"d_tw": "table_wise", "d_rw": "row_wise", "t_dp": "data_parallel"
 
 
 def batch(tables, seed):
-    from torchrec import KeyedJaggedTensor
-    g = torch.Generator().manual_seed(seed)
-    feats = [(f, t.num_embeddings) for t in tables for f in t.feature_names]
-    lengths = torch.randint(0, 4, (len(feats) * BATCH,), generator=g)
-    values = torch.cat([torch.randint(0, n, (int(lengths[i * BATCH:(i + 1) * BATCH].sum()),), generator=g)
-                        for i, (_, n) in enumerate(feats)])
-    return KeyedJaggedTensor.from_lengths_sync(keys=[f for f, _ in feats], values=values, lengths=lengths)
+    return random_kjt(tables, BATCH, seed, 0, 4)
 
 
 def concat(kjts):

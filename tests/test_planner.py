@@ -9,7 +9,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from dist_utils import run_ranks  # noqa: E402
+from dist_utils import random_kjt, run_ranks  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BATCH = 8
@@ -40,13 +40,7 @@ def choose(world=2, budget=BUDGET, **kw):
 
 
 def kjt_for(tables, seed):
-    from torchrec import KeyedJaggedTensor
-    g = torch.Generator().manual_seed(seed)
-    feats = [(f, t.num_embeddings) for t in tables for f in t.feature_names]
-    lengths = torch.randint(1, 3, (len(feats) * BATCH,), generator=g)
-    values = torch.cat([torch.randint(0, n, (int(lengths[i * BATCH:(i + 1) * BATCH].sum()),), generator=g)
-                        for i, (_, n) in enumerate(feats)])
-    return KeyedJaggedTensor.from_lengths_sync(keys=[f for f, _ in feats], values=values, lengths=lengths)
+    return random_kjt(tables, BATCH, seed, 1, 3)
 
 
 def allocated_bytes(dmp):

@@ -20,7 +20,6 @@ the split offsets); host syncs happen only at refresh.
 """
 from __future__ import annotations
 
-import math
 from typing import Dict, Optional
 
 import torch

@@ -34,4 +34,18 @@ TORCH_LIBRARY(torchrec_tt, m) {
       "tt_embedding_bag_backward_fused_(Tensor grad_output, Tensor(a!)[] cores, Tensor(b!)[] optimizer_state, "
       "Tensor indices, Tensor offsets, Tensor? per_sample_weights, int num_embeddings, int pooling_mode, "
       "bool include_last_offset, str optimizer, float learning_rate, float eps, str table_name) -> ()");
+  // Hot-row cache (CPU): ids held in the cache (map: TTRowCache's id -> slot buckets) read their
+  // uncompressed row instead of the TT chain; the second output counts (cached, rebuilt) ids.
+  m.def(
+      "tt_cached_embedding_bag_fused(Tensor[] cores, Tensor[] optimizer_state, Tensor cache_weight, "
+      "Tensor cache_state, Tensor cache_map, Tensor cache_trained, Tensor indices, Tensor offsets, "
+      "Tensor? per_sample_weights, int num_embeddings, int pooling_mode, bool include_last_offset, "
+      "int bounds_check_mode, str optimizer, float learning_rate, float eps, str table_name) -> (Tensor, Tensor)");
+  // Its backward: the fused step on the touched core slices and cached rows; flags the trained rows.
+  m.def(
+      "tt_cached_embedding_bag_backward_fused_(Tensor grad_output, Tensor(a!)[] cores, "
+      "Tensor(b!)[] optimizer_state, Tensor(c!) cache_weight, Tensor(d!) cache_state, Tensor cache_map, "
+      "Tensor(e!) cache_trained, Tensor indices, Tensor offsets, Tensor? per_sample_weights, "
+      "int num_embeddings, int pooling_mode, bool include_last_offset, str optimizer, float learning_rate, "
+      "float eps, str table_name) -> ()");
 }

@@ -133,6 +133,54 @@ void check_optimizer_state(const std::string& table, FusedOptimizer opt, at::Ten
   }
 }
 
+int64_t cache_slot_bits(int64_t rows) {
+  int64_t bits = 0;
+  while (bits < 63 && (rows >> bits) > 0) ++bits;
+  return std::max<int64_t>(bits, 1);
+}
+
+int64_t cache_map_log_buckets(const at::Tensor& map) {
+  int64_t b = 0;
+  while ((int64_t(1) << b) < map.size(0)) ++b;
+  return b;
+}
+
+void check_cache_args(const std::string& table, FusedOptimizer opt, at::TensorList cores, int64_t num_embeddings,
+                      const at::Tensor& cache_weight, const at::Tensor& cache_state, const at::Tensor& cache_map,
+                      const at::Tensor& cache_trained) {
+  const auto& like = cores[0];
+  int64_t dim = 1;
+  for (const auto& c : cores) dim *= c.size(2);
+  TT_CHECK(cache_weight.dim() == 2 && cache_weight.size(0) > 0 && cache_weight.size(1) == dim, VALUE, table,
+           "cache weight must have shape [rows > 0, ", dim, "], got ", cache_weight.sizes());
+  TT_CHECK(cache_weight.scalar_type() == like.scalar_type(), TYPE, table, "cache weight must have the cores' dtype ",
+           like.scalar_type(), ", got ", cache_weight.scalar_type());
+  const int64_t rows = cache_weight.size(0);
+  for (const auto* t : {&cache_weight, &cache_state, &cache_map, &cache_trained}) {
+    TT_CHECK(t->device() == like.device() && t->is_contiguous(), VALUE, table,
+             "cache tensors must be contiguous and on the cores' device ", like.device());
+  }
+  if (opt != FusedOptimizer::kSgd) {
+    const auto want = opt == FusedOptimizer::kAdagrad ? cache_weight.sizes().vec() : std::vector<int64_t>{rows};
+    TT_CHECK(cache_state.sizes().vec() == want, VALUE, table, "cache optimizer state must have shape ", want,
+             ", got ", cache_state.sizes());
+    TT_CHECK(cache_state.scalar_type() == at::toOpMathType(like.scalar_type()), TYPE, table,
+             "cache optimizer state must have dtype ", at::toOpMathType(like.scalar_type()), ", got ",
+             cache_state.scalar_type());
+  }
+  TT_CHECK(cache_map.scalar_type() == at::kLong && cache_map.dim() == 2 && cache_map.size(0) >= 2 &&
+               (cache_map.size(0) & (cache_map.size(0) - 1)) == 0 && cache_map.size(1) >= 1,
+           VALUE, table, "cache map must be int64 [2^b (b >= 1), width >= 1], got ", cache_map.scalar_type(), " ",
+           cache_map.sizes());
+  TT_CHECK(cache_trained.scalar_type() == at::kBool && cache_trained.dim() == 1 && cache_trained.size(0) == rows,
+           VALUE, table, "cache trained flags must be bool [", rows, "], got ", cache_trained.scalar_type(), " ",
+           cache_trained.sizes());
+  int64_t id_bits = 0;
+  while (id_bits < 63 && ((num_embeddings - 1) >> id_bits) > 0) ++id_bits;
+  TT_CHECK(id_bits + cache_slot_bits(rows) <= 62, VALUE, table, "a cache of ", rows, " rows cannot index a table of ",
+           num_embeddings, " rows (ids and slots must fit together in 62 bits)");
+}
+
 void check_offsets_values(const std::string& table, const int64_t* off, int64_t count, int64_t num_ids,
                           bool include_last_offset) {
   if (count == 0) {

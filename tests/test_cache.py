@@ -325,3 +325,88 @@ def test_replicated_ranks_keep_identical_caches():
     ref.refresh_cache()
     assert set(ref.cache.cached_ids.tolist()) == set(r0["cached_ids"].tolist())
     assert set((r0["cached_ids"] // 60).tolist()) >= {0, 1, 2}, "both ranks' hot ids are cached"
+
+
+# ---- the CPU kernel's cached path against the tensor-op path ----------------------------------------
+
+@pytest.mark.parametrize("optimizer,mode,weighted,int32,last", [
+    ("sgd", "sum", False, False, True), ("sgd", "mean", True, True, False), ("adagrad", "sum", True, False, False),
+    ("adagrad", "mean", False, True, True), ("rowwise_adagrad", "sum", True, True, True),
+    ("rowwise_adagrad", "mean", False, False, False)])
+def test_kernel_path_equals_tensor_op_path(optimizer, mode, weighted, int32, last):
+    """Same table, same batches (incl. dropped out-of-range ids, empty bags, refreshes with
+    evictions and write-back): outputs, cores, cached rows, optimizer state, flags and stats agree."""
+    torch.manual_seed(5)
+    a = TTEmbeddingBag(512, 8, **SHAPE, mode=mode, optimizer=optimizer, cache_rows=48, cache_refresh_interval=4,
+                       dtype=torch.float64, include_last_offset=last, bounds_check_mode="ignore", name="k")
+    b = copy.deepcopy(a)
+    b.cache.use_kernel = False
+    g = torch.Generator().manual_seed(6)
+    for step in range(14):
+        ids = skewed(90, 512, g, lo=(step // 5) * 150)  # the hot set moves: evictions, write-backs
+        ids[::23] = 700  # dropped by both
+        if int32:
+            ids = ids.int()
+        offsets = torch.tensor([0, 10, 10, 41, 77] + ([90] if last else []))
+        psw = torch.rand(90, generator=g, dtype=torch.float64) if weighted else None
+        target = torch.randn(5, 8, generator=g, dtype=torch.float64)
+        outs = [t(ids, offsets, psw) for t in (a, b)]
+        torch.testing.assert_close(outs[0], outs[1], rtol=1e-12, atol=1e-12)
+        for out in outs:
+            (out - target).square().sum().backward()
+    assert a.cache_stats()["evictions"] > 0 and a.cache_stats()["rows_written_back"] > 0
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12, msg=f"{name} differs")
+    assert a.cache_stats() == b.cache_stats()
+
+
+def test_kernel_path_rejects_bad_cache_arguments_untouched():
+    from torchrec_tt import ops
+    t = TTEmbeddingBag(512, 8, **SHAPE, optimizer="adagrad", cache_rows=16, name="bad_cache")
+    t.cache.observe(torch.arange(16))
+    t.refresh_cache()
+    c = t.cache
+    good = dict(cores=list(t.cores), optimizer_state=t.optimizer_state(), cache_weight=c.weight.data,
+                cache_state=c.optimizer_state, cache_map=c._map, cache_trained=c.trained)
+    before = [x.clone() for x in (*t.cores, c.weight, c.optimizer_state)]
+    ids, offsets = torch.tensor([1, 2, 300]), torch.tensor([0, 1])
+    cases = [(dict(cache_weight=c.weight.data.double()), TypeError, "cache weight must have the cores' dtype"),
+             (dict(cache_weight=c.weight.data[:, :4]), ValueError, r"cache weight must have shape \[rows > 0, 8\]"),
+             (dict(cache_state=c.optimizer_state[:, :2].contiguous()), ValueError, "cache optimizer state must have shape"),
+             (dict(cache_state=c.optimizer_state.t()), ValueError, "cache tensors must be contiguous"),
+             (dict(cache_map=c._map.int()), ValueError, "cache map must be int64"),
+             (dict(cache_trained=c.trained[:3]), ValueError, r"cache trained flags must be bool \[16\]")]
+    for change, exc, match in cases:
+        args = {**good, **change}
+        with pytest.raises(exc, match=f"table 'bad_cache': {match}"):
+            out, _ = ops.tt_cached_embedding_bag_fused(
+                args["cores"], args["optimizer_state"], args["cache_weight"], args["cache_state"], args["cache_map"],
+                args["cache_trained"], ids, offsets, num_embeddings=512, optimizer="adagrad", learning_rate=0.1,
+                table_name="bad_cache")
+            out.sum().backward()
+    with pytest.raises(IndexError, match="table 'bad_cache': id 512"):
+        t(torch.tensor([1, 512]), torch.tensor([0])).sum().backward()
+    for x, y in zip(before, (*t.cores, c.weight, c.optimizer_state)):
+        assert torch.equal(x, y)
+
+
+def test_opcheck_cached_op():
+    from torchrec_tt import ops
+    t = TTEmbeddingBag(512, 8, **SHAPE, optimizer="rowwise_adagrad", cache_rows=16, name="op")
+    t.cache.observe(torch.arange(16))
+    t.refresh_cache()
+    c = t.cache
+    ids, offsets, psw = torch.tensor([1, 2, 300, 7, 7]), torch.tensor([0, 2, 2, 5]), torch.rand(5)
+    cache = (c.weight.data, c.optimizer_state, c._map, c.trained)
+    torch.library.opcheck(torch.ops.torchrec_tt.tt_cached_embedding_bag_fused.default,
+                          (list(t.cores), t.optimizer_state(), *cache, ids, offsets, psw, 512, 0, True, 0,
+                           "rowwise_adagrad", 0.1, 1e-8, "op"))
+    out, counts = ops.tt_cached_embedding_bag_fused(list(t.cores), t.optimizer_state(), *cache, ids, offsets, psw,
+                                                    num_embeddings=512, optimizer="rowwise_adagrad",
+                                                    learning_rate=0.1, include_last_offset=True)
+    assert counts.tolist() == [4, 1]  # 1, 2, 7, 7 cached; 300 rebuilt
+    grad = torch.randn(3, 8)
+    torch.library.opcheck(torch.ops.torchrec_tt.tt_cached_embedding_bag_backward_fused_.default,
+                          (grad, [x.detach().clone() for x in t.cores], [s.clone() for s in t.optimizer_state()],
+                           c.weight.data.clone(), c.optimizer_state.clone(), c._map, c.trained.clone(), ids, offsets,
+                           psw, 512, 0, True, "rowwise_adagrad", 0.1, 1e-8, "op"))

@@ -24,6 +24,7 @@ __all__ = [
     "pooling_mode",
     "tt_embedding_bag",
     "tt_embedding_bag_fused",
+    "tt_cached_embedding_bag_fused",
 ]
 
 _ops = torch.ops.torchrec_tt
@@ -106,6 +107,40 @@ def tt_embedding_bag_fused(
         float(learning_rate), float(eps), table_name)
 
 
+def tt_cached_embedding_bag_fused(
+    cores: Sequence[torch.Tensor],
+    optimizer_state: Sequence[torch.Tensor],
+    cache_weight: torch.Tensor,
+    cache_state: torch.Tensor,
+    cache_map: torch.Tensor,
+    cache_trained: torch.Tensor,
+    indices: torch.Tensor,
+    offsets: torch.Tensor,
+    per_sample_weights: Optional[torch.Tensor] = None,
+    *,
+    num_embeddings: int,
+    optimizer: str,
+    learning_rate: float,
+    eps: float = 1e-8,
+    mode: str = "sum",
+    include_last_offset: bool = False,
+    bounds_check_mode: Union[str, int, BoundsCheckMode] = BoundsCheckMode.FATAL,
+    table_name: str = "tt_table",
+):
+    """``tt_embedding_bag_fused`` with a hot-row cache (CPU): ids found in ``cache_map`` (the
+    ``TTRowCache`` id -> slot buckets) read row ``cache_weight[slot]`` instead of the TT chain, and
+    backward applies ``optimizer`` to those rows too (``cache_state``: their Adagrad state, empty for
+    SGD) and sets ``cache_trained[slot]``. Returns the pooled output and int64 ``[cached, rebuilt]``
+    counts of the valid ids."""
+    if per_sample_weights is not None and per_sample_weights.requires_grad:
+        raise ValueError(f"torchrec_tt: table '{table_name}': gradients for per_sample_weights are not "
+                         "available with a fused optimizer; detach them or use optimizer=None")
+    return _ops.tt_cached_embedding_bag_fused(
+        list(cores), list(optimizer_state), cache_weight, cache_state, cache_map, cache_trained, indices,
+        offsets, per_sample_weights, num_embeddings, pooling_mode(mode), include_last_offset,
+        int(BoundsCheckMode.parse(bounds_check_mode)), optimizer, float(learning_rate), float(eps), table_name)
+
+
 # ---- fake kernels (shapes only) ----------------------------------------------------------------
 
 def _pooled_shape(cores: List[torch.Tensor], offsets: torch.Tensor, include_last_offset: bool):
@@ -136,6 +171,21 @@ def _(grad_output, cores, indices, offsets, per_sample_weights, num_embeddings, 
 @torch.library.register_fake("torchrec_tt::tt_embedding_bag_backward_fused_")
 def _(grad_output, cores, optimizer_state, indices, offsets, per_sample_weights, num_embeddings,
       pooling_mode, include_last_offset, optimizer, learning_rate, eps, table_name):
+    return None
+
+
+@torch.library.register_fake("torchrec_tt::tt_cached_embedding_bag_fused")
+def _(cores, optimizer_state, cache_weight, cache_state, cache_map, cache_trained, indices, offsets,
+      per_sample_weights, num_embeddings, pooling_mode, include_last_offset, bounds_check_mode, optimizer,
+      learning_rate, eps, table_name):
+    return (cores[0].new_empty(_pooled_shape(cores, offsets, include_last_offset)),
+            cores[0].new_empty((2,), dtype=torch.long))
+
+
+@torch.library.register_fake("torchrec_tt::tt_cached_embedding_bag_backward_fused_")
+def _(grad_output, cores, optimizer_state, cache_weight, cache_state, cache_map, cache_trained, indices,
+      offsets, per_sample_weights, num_embeddings, pooling_mode, include_last_offset, optimizer, learning_rate,
+      eps, table_name):
     return None
 
 
@@ -178,3 +228,25 @@ def _fused_backward(ctx, grad):
 
 torch.library.register_autograd("torchrec_tt::tt_embedding_bag_fused", _fused_backward,
                                 setup_context=_fused_setup_context)
+
+
+def _cached_setup_context(ctx, inputs, output):
+    (cores, state, cache_weight, cache_state, cache_map, cache_trained, indices, offsets, psw, num_embeddings,
+     pooling, include_last_offset, _, optimizer, learning_rate, eps, table_name) = inputs
+    # Kept by reference: backward updates these very tensors in place.
+    ctx.cores, ctx.state = list(cores), list(state)
+    ctx.cache = (cache_weight, cache_state, cache_map, cache_trained)
+    ctx.args = (num_embeddings, pooling, include_last_offset, optimizer, learning_rate, eps, table_name)
+    ctx.save_for_backward(indices, offsets, psw)
+
+
+def _cached_backward(ctx, grad, _grad_counts):
+    indices, offsets, psw = ctx.saved_tensors
+    with torch.no_grad():
+        _ops.tt_cached_embedding_bag_backward_fused_(grad, ctx.cores, ctx.state, *ctx.cache, indices, offsets,
+                                                     psw, *ctx.args)
+    return [None] * len(ctx.cores), [None] * len(ctx.state), *([None] * 15)
+
+
+torch.library.register_autograd("torchrec_tt::tt_cached_embedding_bag_fused", _cached_backward,
+                                setup_context=_cached_setup_context)

@@ -81,9 +81,16 @@ inline T pool_coef(const TTPlan& plan, const T* psw, bool mean, int64_t pos) {
   return c;
 }
 
+// Row of the id at `pos`: a leaf of the prefix tree, or a row of the hot-row cache (plan.slot <= -2).
+template <typename T>
+inline const T* row_of(const TTShape& s, const TTPlan& plan, const Partials<T>& P, const T* cache_w, int64_t pos) {
+  const int64_t u = plan.slot[pos];
+  return u >= 0 ? P.node(plan, s.d - 1, u) : cache_w + (-2 - u) * s.embedding_dim;
+}
+
 template <typename T>
 at::Tensor forward_impl(const TTShape& s, const TTPlan& plan, at::TensorList cores,
-                        const std::optional<at::Tensor>& psw_opt, bool mean) {
+                        const std::optional<at::Tensor>& psw_opt, bool mean, const T* cache_w = nullptr) {
   auto out = at::zeros({plan.num_bags, s.embedding_dim}, cores[0].options());
   const auto P = compute_partials<T>(s, plan, cores, s.d - 1);
   const at::Tensor psw_t = psw_opt.has_value() ? psw_opt->contiguous() : at::Tensor();
@@ -94,10 +101,9 @@ at::Tensor forward_impl(const TTShape& s, const TTPlan& plan, at::TensorList cor
     for (int64_t b = lo; b < hi; ++b) {
       T* ob = o + b * D;
       for (int64_t pos = plan.bag_start[b]; pos < plan.bag_start[b + 1]; ++pos) {
-        const int64_t u = plan.slot[pos];
-        if (u < 0) continue;
+        if (plan.slot[pos] == -1) continue;
         const T c = pool_coef(plan, psw, mean, pos);
-        const T* row = P.node(plan, s.d - 1, u);
+        const T* row = row_of(s, plan, P, cache_w, pos);
         for (int64_t e = 0; e < D; ++e) ob[e] += c * row[e];
       }
     }
@@ -105,11 +111,26 @@ at::Tensor forward_impl(const TTShape& s, const TTPlan& plan, at::TensorList cor
   return out;
 }
 
+// Gradient of a row: its occurrences' bag gradients, weighted, summed into `du`.
+template <typename T>
+inline void row_grad(const TTPlan& plan, const T* psw, bool mean, const T* g, int64_t D, const int64_t* occ,
+                     int64_t count, T* du) {
+  std::fill_n(du, D, T(0));
+  for (int64_t o = 0; o < count; ++o) {
+    const int64_t pos = occ[o];
+    const T c = pool_coef(plan, psw, mean, pos);
+    const T* gb = g + plan.bag_of[pos] * D;
+    for (int64_t e = 0; e < D; ++e) du[e] += c * gb[e];
+  }
+}
+
 // Reverse walk of the prefix tree. on_slice(k, digit, grad) receives the full gradient of core
 // slice G_k[digit] exactly once, after the last read of core k: it may update the core in place.
-template <typename T, typename OnSlice>
+// on_cached_row(slot, grad) receives the gradient of each cached row once (cache_w: the cache's rows).
+template <typename T, typename OnSlice, typename OnCachedRow>
 void backward_impl(const TTShape& s, const TTPlan& plan, at::TensorList cores, const at::Tensor& grad_out,
-                   const std::optional<at::Tensor>& psw_opt, bool mean, T* psw_grad, OnSlice on_slice) {
+                   const std::optional<at::Tensor>& psw_opt, bool mean, T* psw_grad, OnSlice on_slice,
+                   const T* cache_w, OnCachedRow on_cached_row) {
   const int64_t D = s.embedding_dim;
   const auto P = compute_partials<T>(s, plan, cores, psw_grad ? s.d - 1 : s.d - 2);
   const at::Tensor psw_t = psw_opt.has_value() ? psw_opt->contiguous() : at::Tensor();
@@ -120,9 +141,8 @@ void backward_impl(const TTShape& s, const TTPlan& plan, at::TensorList cores, c
   if (psw_grad) {
     at::parallel_for(0, static_cast<int64_t>(plan.slot.size()), kBagGrain, [&](int64_t lo, int64_t hi) {
       for (int64_t pos = lo; pos < hi; ++pos) {
-        const int64_t u = plan.slot[pos];
-        if (u < 0) continue;
-        const T* row = P.node(plan, s.d - 1, u);
+        if (plan.slot[pos] == -1) continue;
+        const T* row = row_of(s, plan, P, cache_w, pos);
         const T* gb = g + plan.bag_of[pos] * D;
         T dot = 0;
         for (int64_t e = 0; e < D; ++e) dot += row[e] * gb[e];
@@ -131,19 +151,24 @@ void backward_impl(const TTShape& s, const TTPlan& plan, at::TensorList cores, c
     });
   }
 
-  // Gradient of each unique row: its occurrences' bag gradients, weighted.
+  // Cached rows: one gradient per unique cached id (distinct slots, so updates do not race).
+  at::parallel_for(0, plan.num_cached(), kNodeGrain, [&](int64_t lo, int64_t hi) {
+    thread_local std::vector<T> du;
+    du.resize(D);
+    for (int64_t c = lo; c < hi; ++c) {
+      const int64_t first = plan.cached_occ_start[c];
+      row_grad(plan, psw, mean, g, D, plan.cached_occ.data() + first, plan.cached_occ_start[c + 1] - first, du.data());
+      on_cached_row(plan.cached_slot[c], du.data());
+    }
+  });
+
+  // Gradient of each unique rebuilt row.
   size_t cur_slot = kRowGrad, prev_slot = kPrevGrad;
   T* d_cur = scratch<T>(cur_slot, plan.num_unique() * D);
   at::parallel_for(0, plan.num_unique(), kNodeGrain, [&](int64_t lo, int64_t hi) {
     for (int64_t u = lo; u < hi; ++u) {
-      T* du = d_cur + u * D;
-      std::fill_n(du, D, T(0));
-      for (int64_t o = plan.occ_start[u]; o < plan.occ_start[u + 1]; ++o) {
-        const int64_t pos = plan.occ[o];
-        const T c = pool_coef(plan, psw, mean, pos);
-        const T* gb = g + plan.bag_of[pos] * D;
-        for (int64_t e = 0; e < D; ++e) du[e] += c * gb[e];
-      }
+      const int64_t first = plan.occ_start[u];
+      row_grad(plan, psw, mean, g, D, plan.occ.data() + first, plan.occ_start[u + 1] - first, d_cur + u * D);
     }
   });
 
@@ -250,7 +275,7 @@ struct Args {
 
 Args prepare(const std::string& table, at::TensorList cores, const at::Tensor& indices, const at::Tensor& offsets,
              const std::optional<at::Tensor>& psw, int64_t num_embeddings, int64_t pooling_mode,
-             bool include_last_offset, int64_t bounds_check_mode, bool backward) {
+             bool include_last_offset, int64_t bounds_check_mode, bool backward, const CacheMap* cache = nullptr) {
   Args a;
   a.shape = check_tt_args(table, cores, indices, offsets, psw, num_embeddings, pooling_mode, include_last_offset,
                           bounds_check_mode);
@@ -260,9 +285,21 @@ Args prepare(const std::string& table, at::TensorList cores, const at::Tensor& i
            " (half/bfloat16 cores are supported on CUDA)");
   // Backward drops what forward was told to drop (an error would already have been raised there).
   const auto mode = backward ? BoundsCheckMode::kIgnore : static_cast<BoundsCheckMode>(bounds_check_mode);
-  a.plan = build_plan(table, a.shape, indices, offsets, psw, include_last_offset, mode, backward);
+  a.plan = build_plan(table, a.shape, indices, offsets, psw, include_last_offset, mode, backward, cache);
   return a;
 }
+
+CacheMap cache_map_of(const at::Tensor& map, const at::Tensor& cache_weight) {
+  CacheMap c;
+  c.entries = map.data_ptr<int64_t>();
+  c.log_buckets = cache_map_log_buckets(map);
+  c.width = map.size(1);
+  c.rows = cache_weight.size(0);
+  c.shift = cache_slot_bits(c.rows);
+  return c;
+}
+
+constexpr auto kNoCachedRows = [](int64_t, const void*) {};
 
 at::Tensor tt_embedding_bag(at::TensorList cores, const at::Tensor& indices, const at::Tensor& offsets,
                             const std::optional<at::Tensor>& psw, int64_t num_embeddings, int64_t pooling_mode,
@@ -303,14 +340,47 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> tt_embedding_bag_backward(
   AT_DISPATCH_FLOATING_TYPES(cores[0].scalar_type(), "tt_embedding_bag_backward_cpu", [&] {
     std::vector<scalar_t*> gp;
     for (auto& t : grads) gp.push_back(t.data_ptr<scalar_t>());
-    backward_impl<scalar_t>(a.shape, a.plan, cores, grad_output, psw, pooling_mode == 1,
-                            psw_grad ? grad_psw.data_ptr<scalar_t>() : nullptr,
-                            [&](int64_t k, int64_t v, const scalar_t* gs) {
-                              const int64_t n = a.shape.slice_numel(k);
-                              std::copy(gs, gs + n, gp[k] + v * n);
-                            });
+    backward_impl<scalar_t>(
+        a.shape, a.plan, cores, grad_output, psw, pooling_mode == 1,
+        psw_grad ? grad_psw.data_ptr<scalar_t>() : nullptr,
+        [&](int64_t k, int64_t v, const scalar_t* gs) {
+          const int64_t n = a.shape.slice_numel(k);
+          std::copy(gs, gs + n, gp[k] + v * n);
+        },
+        nullptr, kNoCachedRows);
   });
   return {grads, grad_psw};
+}
+
+// Fused backward over a plan: the optimizer step on every touched core slice and, with a cache, on
+// every touched cached row (marked in `trained`, so the cache knows which rows to write back).
+template <typename T>
+void fused_backward(const Args& a, FusedOptimizer opt, at::TensorList cores, at::TensorList optimizer_state,
+                    const at::Tensor& grad_output, const std::optional<at::Tensor>& psw, bool mean, double lr_d,
+                    double eps_d, T* cache_w = nullptr, T* cache_state = nullptr, bool* trained = nullptr) {
+  std::vector<T*> w, st;
+  for (const auto& t : cores) w.push_back(t.data_ptr<T>());
+  for (const auto& t : optimizer_state) st.push_back(t.data_ptr<T>());
+  const auto lr = static_cast<T>(lr_d);
+  const auto eps = static_cast<T>(eps_d);
+  const int64_t D = a.shape.embedding_dim;
+  backward_impl<T>(
+      a.shape, a.plan, cores, grad_output, psw, mean, nullptr,
+      [&](int64_t k, int64_t v, const T* gs) {
+        const int64_t n = a.shape.slice_numel(k);
+        T* state = nullptr;
+        if (opt == FusedOptimizer::kAdagrad) state = st[k] + v * n;
+        if (opt == FusedOptimizer::kRowwiseAdagrad) state = st[k] + v;
+        apply_fused_update<T>(opt, w[k] + v * n, state, n, gs, lr, eps);
+      },
+      cache_w,
+      [&](int64_t slot, const T* gs) {
+        T* state = nullptr;
+        if (opt == FusedOptimizer::kAdagrad) state = cache_state + slot * D;
+        if (opt == FusedOptimizer::kRowwiseAdagrad) state = cache_state + slot;
+        apply_fused_update<T>(opt, cache_w + slot * D, state, D, gs, lr, eps);
+        trained[slot] = true;
+      });
 }
 
 void tt_embedding_bag_backward_fused_(const at::Tensor& grad_output, at::TensorList cores,
@@ -326,20 +396,55 @@ void tt_embedding_bag_backward_fused_(const at::Tensor& grad_output, at::TensorL
   check_grad_output(table, grad_output, a.plan.num_bags, a.shape, cores[0]);
   check_optimizer_state(table, opt, cores, optimizer_state, learning_rate, eps);
   AT_DISPATCH_FLOATING_TYPES(cores[0].scalar_type(), "tt_embedding_bag_backward_fused_cpu", [&] {
-    std::vector<scalar_t*> w, st;
-    for (const auto& t : cores) w.push_back(t.data_ptr<scalar_t>());
-    for (const auto& t : optimizer_state) st.push_back(t.data_ptr<scalar_t>());
-    const auto lr = static_cast<scalar_t>(learning_rate);
-    const auto ep = static_cast<scalar_t>(eps);
-    backward_impl<scalar_t>(
-        a.shape, a.plan, cores, grad_output, psw, pooling_mode == 1, nullptr,
-        [&](int64_t k, int64_t v, const scalar_t* gs) {
-          const int64_t n = a.shape.slice_numel(k);
-          scalar_t* state = nullptr;
-          if (opt == FusedOptimizer::kAdagrad) state = st[k] + v * n;
-          if (opt == FusedOptimizer::kRowwiseAdagrad) state = st[k] + v;
-          apply_fused_update<scalar_t>(opt, w[k] + v * n, state, n, gs, lr, ep);
-        });
+    fused_backward<scalar_t>(a, opt, cores, optimizer_state, grad_output, psw, pooling_mode == 1, learning_rate,
+                             eps);
+  });
+}
+
+// ---- hot-row cache: cached ids read (and train) an uncompressed row instead of the TT chain ----
+
+std::tuple<at::Tensor, at::Tensor> tt_cached_embedding_bag_fused(
+    at::TensorList cores, at::TensorList optimizer_state, const at::Tensor& cache_weight,
+    const at::Tensor& cache_state, const at::Tensor& cache_map, const at::Tensor& cache_trained,
+    const at::Tensor& indices, const at::Tensor& offsets, const std::optional<at::Tensor>& psw,
+    int64_t num_embeddings, int64_t pooling_mode, bool include_last_offset, int64_t bounds_check_mode,
+    c10::string_view optimizer, double learning_rate, double eps, c10::string_view table_name) {
+  const std::string table(table_name);
+  check_fused_args(table, cores, optimizer_state, indices, offsets, psw, num_embeddings, pooling_mode,
+                   include_last_offset, bounds_check_mode, std::string(optimizer), learning_rate, eps);
+  check_cache_args(table, parse_optimizer(table, std::string(optimizer)), cores, num_embeddings, cache_weight,
+                   cache_state, cache_map, cache_trained);
+  const auto cache = cache_map_of(cache_map, cache_weight);
+  const auto a = prepare(table, cores, indices, offsets, psw, num_embeddings, pooling_mode, include_last_offset,
+                         bounds_check_mode, false, &cache);
+  at::Tensor out;
+  AT_DISPATCH_FLOATING_TYPES(cores[0].scalar_type(), "tt_cached_embedding_bag_cpu", [&] {
+    out = forward_impl<scalar_t>(a.shape, a.plan, cores, psw, pooling_mode == 1, cache_weight.data_ptr<scalar_t>());
+  });
+  const auto hits = static_cast<int64_t>(a.plan.cached_occ.size());
+  const auto counts = at::tensor({hits, static_cast<int64_t>(a.plan.occ.size())}, at::kLong);
+  return {out, counts};
+}
+
+void tt_cached_embedding_bag_backward_fused_(
+    const at::Tensor& grad_output, at::TensorList cores, at::TensorList optimizer_state,
+    const at::Tensor& cache_weight, const at::Tensor& cache_state, const at::Tensor& cache_map,
+    const at::Tensor& cache_trained, const at::Tensor& indices, const at::Tensor& offsets,
+    const std::optional<at::Tensor>& psw, int64_t num_embeddings, int64_t pooling_mode, bool include_last_offset,
+    c10::string_view optimizer, double learning_rate, double eps, c10::string_view table_name) {
+  const std::string table(table_name);
+  const auto opt = parse_optimizer(table, std::string(optimizer));
+  check_cache_args(table, opt, cores, num_embeddings, cache_weight, cache_state, cache_map, cache_trained);
+  const auto cache = cache_map_of(cache_map, cache_weight);
+  const auto a = prepare(table, cores, indices, offsets, psw, num_embeddings, pooling_mode, include_last_offset,
+                         0, true, &cache);
+  check_grad_output(table, grad_output, a.plan.num_bags, a.shape, cores[0]);
+  check_optimizer_state(table, opt, cores, optimizer_state, learning_rate, eps);
+  AT_DISPATCH_FLOATING_TYPES(cores[0].scalar_type(), "tt_cached_embedding_bag_backward_fused_cpu", [&] {
+    fused_backward<scalar_t>(a, opt, cores, optimizer_state, grad_output, psw, pooling_mode == 1, learning_rate,
+                             eps, cache_weight.data_ptr<scalar_t>(),
+                             opt == FusedOptimizer::kSgd ? nullptr : cache_state.data_ptr<scalar_t>(),
+                             cache_trained.data_ptr<bool>());
   });
 }
 
@@ -350,6 +455,8 @@ TORCH_LIBRARY_IMPL(torchrec_tt, CPU, m) {
   m.impl("tt_embedding_bag_fused", &tt_embedding_bag_fused);
   m.impl("tt_embedding_bag_backward", &tt_embedding_bag_backward);
   m.impl("tt_embedding_bag_backward_fused_", &tt_embedding_bag_backward_fused_);
+  m.impl("tt_cached_embedding_bag_fused", &tt_cached_embedding_bag_fused);
+  m.impl("tt_cached_embedding_bag_backward_fused_", &tt_cached_embedding_bag_backward_fused_);
 }
 
 }  // namespace torchrec_tt::cpu

@@ -62,7 +62,8 @@ void radix_sort_pairs(std::vector<int64_t>& keys, std::vector<int64_t>& vals, in
 
 TTPlan build_plan(const std::string& table, const TTShape& s, const at::Tensor& indices,
                   const at::Tensor& offsets_in, const std::optional<at::Tensor>& per_sample_weights,
-                  bool include_last_offset, BoundsCheckMode mode, bool group_by_digit) {
+                  bool include_last_offset, BoundsCheckMode mode, bool group_by_digit,
+                  const CacheMap* cache) {
   TTPlan plan;
   const int64_t n = indices.numel();
   const auto offsets = offsets_in.to(at::kLong).contiguous();
@@ -102,30 +103,43 @@ TTPlan build_plan(const std::string& table, const TTShape& s, const at::Tensor& 
   plan.parent.assign(s.d, {});
   std::vector<int64_t> last_prefix(s.d, -1);
   plan.occ.reserve(keys.size());
+  int64_t last_id = -1, cached = -1;  // cache slot of the current id, -1 if it is rebuilt
   for (size_t i = 0; i < keys.size(); ++i) {
     const int64_t id = keys[i];
-    const int64_t pos = positions[i];
-    if (id != last_prefix[s.d - 1]) {
-      plan.occ_start.push_back(static_cast<int64_t>(i));
-      bool new_branch = false;  // once a prefix changes, all longer prefixes are new nodes too
-      for (int64_t k = 0; k < s.d; ++k) {
-        const int64_t prefix = id / div[k];
-        if (new_branch || prefix != last_prefix[k]) {
-          new_branch = true;
-          last_prefix[k] = prefix;
-          plan.digit[k].push_back(prefix % s.p[k]);
-          if (k > 0) plan.parent[k].push_back(plan.level_size(k - 1) - 1);
+    if (id != last_id) {
+      last_id = id;
+      cached = cache ? cache->lookup(id) : -1;
+      if (cached >= 0) {
+        plan.cached_slot.push_back(cached);
+        plan.cached_occ_start.push_back(static_cast<int64_t>(plan.cached_occ.size()));
+      } else {
+        plan.occ_start.push_back(static_cast<int64_t>(plan.occ.size()));
+        bool new_branch = false;  // once a prefix changes, all longer prefixes are new nodes too
+        for (int64_t k = 0; k < s.d; ++k) {
+          const int64_t prefix = id / div[k];
+          if (new_branch || prefix != last_prefix[k]) {
+            new_branch = true;
+            last_prefix[k] = prefix;
+            plan.digit[k].push_back(prefix % s.p[k]);
+            if (k > 0) plan.parent[k].push_back(plan.level_size(k - 1) - 1);
+          }
         }
       }
     }
-    plan.occ.push_back(pos);
+    if (cached >= 0) {
+      plan.cached_occ.push_back(positions[i]);
+      plan.slot[positions[i]] = -2 - cached;
+    } else {
+      plan.occ.push_back(positions[i]);
+    }
   }
-  plan.occ_start.push_back(static_cast<int64_t>(keys.size()));
+  plan.occ_start.push_back(static_cast<int64_t>(plan.occ.size()));
+  plan.cached_occ_start.push_back(static_cast<int64_t>(plan.cached_occ.size()));
   for (int64_t u = 0; u + 1 < static_cast<int64_t>(plan.occ_start.size()); ++u) {
     for (int64_t o = plan.occ_start[u]; o < plan.occ_start[u + 1]; ++o) plan.slot[plan.occ[o]] = u;
   }
   for (int64_t pos = 0; pos < n; ++pos) {
-    if (plan.slot[pos] >= 0) ++plan.bag_valid[plan.bag_of[pos]];
+    if (plan.slot[pos] != -1) ++plan.bag_valid[plan.bag_of[pos]];
   }
 
   plan.first_child.assign(s.d, {});

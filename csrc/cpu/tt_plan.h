@@ -11,14 +11,38 @@
 
 namespace torchrec_tt::cpu {
 
+// Read-only view of a hot-row cache's id -> slot map (built in Python by TTRowCache._rebuild_map):
+// 2^log_buckets bucket rows of `width` entries (id << shift | slot), -1 = empty; Fibonacci hashing.
+struct CacheMap {
+  const int64_t* entries = nullptr;
+  int64_t log_buckets = 0, width = 0, shift = 0, rows = 0;
+
+  // Cache slot of a valid id, -1 if it is not cached.
+  int64_t lookup(int64_t id) const {
+    const uint64_t bucket = (static_cast<uint64_t>(id) * 0x9E3779B97F4A7C15ULL) >> (64 - log_buckets);
+    const int64_t* e = entries + bucket * width;
+    for (int64_t i = 0; i < width; ++i) {
+      if (e[i] >= 0 && (e[i] >> shift) == id) {
+        const int64_t slot = e[i] & ((int64_t(1) << shift) - 1);
+        return slot < rows ? slot : -1;
+      }
+    }
+    return -1;
+  }
+};
+
 struct TTPlan {
   int64_t num_bags = 0;
   std::vector<int64_t> bag_start;  // num_bags + 1 entries: ids of bag b are [bag_start[b], bag_start[b+1])
   std::vector<int64_t> bag_of;     // id position -> bag
-  std::vector<int64_t> slot;       // id position -> unique row slot, -1 if the id was dropped
+  // id position -> unique row slot (>= 0, rebuilt from the cores), -1 if the id was dropped, or
+  // -2 - c for an id held in slot c of the hot-row cache (never rebuilt).
+  std::vector<int64_t> slot;
   std::vector<int64_t> bag_valid;  // ids kept per bag (mean pooling divides by it)
   std::vector<int64_t> occ_start;  // CSR: positions of each unique row's occurrences
   std::vector<int64_t> occ;
+  // Cached unique ids: their cache slot and the CSR of their occurrences (empty without a cache).
+  std::vector<int64_t> cached_slot, cached_occ_start, cached_occ;
   // Prefix tree, level k = 0..d-1 holds the distinct prefixes (i_1..i_{k+1}) of the sorted ids;
   // the last level holds the unique ids themselves (slot order).
   std::vector<std::vector<int64_t>> digit;        // digit i_{k+1} of each node
@@ -28,12 +52,15 @@ struct TTPlan {
   std::vector<std::vector<int64_t>> by_digit_start, by_digit;
 
   int64_t num_unique() const { return static_cast<int64_t>(occ_start.size()) - 1; }
+  int64_t num_cached() const { return static_cast<int64_t>(cached_slot.size()); }
   int64_t level_size(int64_t k) const { return static_cast<int64_t>(digit[k].size()); }
 };
 
-// Checks the values of ids/offsets/weights (per bounds_check_mode) and builds the plan.
+// Checks the values of ids/offsets/weights (per bounds_check_mode) and builds the plan. With a
+// cache, ids it holds are left out of the prefix tree (their rows are copies, not products).
 TTPlan build_plan(const std::string& table, const TTShape& s, const at::Tensor& indices,
                   const at::Tensor& offsets, const std::optional<at::Tensor>& per_sample_weights,
-                  bool include_last_offset, BoundsCheckMode mode, bool group_by_digit);
+                  bool include_last_offset, BoundsCheckMode mode, bool group_by_digit,
+                  const CacheMap* cache = nullptr);
 
 }  // namespace torchrec_tt::cpu

@@ -151,6 +151,9 @@ class TTRowCache(nn.Module):
         # replicas that must agree on the cached rows: the default group when one is initialised;
         # a ProcessGroup, or None where the table lives on one rank only (e.g. table-wise sharding)
         self.process_group = "default"
+        # CPU tables with a fused optimizer take the kernel's cached path (False: the tensor-op path,
+        # which every device and torch.optim mode use; tests compare the two)
+        self.use_kernel = True
 
     # ---- bookkeeping -------------------------------------------------------------------------------
 
@@ -380,12 +383,31 @@ class TTRowCache(nn.Module):
             self.optimizer_state.index_copy_(0, uniq, s)
             w.index_add_(0, uniq, g * (-opt.learning_rate / (s.sqrt() + opt.eps)).unsqueeze(1))
 
+    def _kernel_lookup(self, table, ids, offsets, psw, include_last_offset) -> torch.Tensor:
+        """The CPU kernel's cached path (fused optimizers): one plan per call; cached ids read their
+        row instead of the TT chain and are trained in the same backward; nothing else in Python."""
+        if self.training:
+            self._observe(ids.reshape(-1).long())
+            self.steps += 1
+        state = getattr(self, "optimizer_state", None)
+        opt = table.optimizer
+        out, counts = ops.tt_cached_embedding_bag_fused(
+            list(table.cores), table.optimizer_state(), self.weight.data,
+            state if state is not None else self.weight.new_empty(0), self._map, self.trained, ids, offsets, psw,
+            num_embeddings=table.num_embeddings, optimizer=opt.name, learning_rate=opt.learning_rate,
+            eps=opt.eps, mode=table.mode, include_last_offset=include_last_offset,
+            bounds_check_mode=table.bounds_check_mode, table_name=table.name)
+        self.hit_stats[:2] += counts
+        return out
+
     def lookup(self, table, ids: torch.Tensor, offsets: torch.Tensor, psw: Optional[torch.Tensor],
                include_last_offset: bool) -> torch.Tensor:
         """Pooled lookup: cached ids through a dense ``embedding_bag`` on ``weight``, the rest through
         the TT op with recomputed offsets; the sum equals the uncached module's output."""
         if self.training and self.steps > 0 and self.steps % self.refresh_interval == 0:
             self.refresh(table)  # at a step boundary: the previous step's backward has run
+        if self.use_kernel and self.fused is not None and ids.device.type == "cpu":
+            return self._kernel_lookup(table, ids, offsets, psw, include_last_offset)
         # few, cheap ops per step (each one costs on a loaded 2-core box): no host sync anywhere here
         ids = ids.reshape(-1)
         L, dev = ids.numel(), ids.device
@@ -404,11 +426,11 @@ class TTRowCache(nn.Module):
         c_hit = torch.cat([zero, hit.cumsum(0)])
         h_off = c_hit.index_select(0, off)
         m_off = off - h_off  # misses before each offset
+        valid = (ids64 >= 0) & (ids64 < self.num_embeddings)
         self.hit_stats[0] += h_off[-1] - h_off[0]
-        self.hit_stats[1] += m_off[-1] - m_off[0]
+        self.hit_stats[1] += valid.sum() - (h_off[-1] - h_off[0])  # misses among the valid ids
         w = psw.reshape(-1) if psw is not None else None
         if table.mode == "mean":  # divide by the full bag size (valid ids), not by the part on each side
-            valid = (ids64 >= 0) & (ids64 < self.num_embeddings)
             c_val = torch.cat([zero, valid.cumsum(0)])
             size = (c_val[off[1:]] - c_val[off[:-1]]).clamp_min(1).to(self.weight.dtype)
             bag = (torch.searchsorted(off, torch.arange(L, device=dev), right=True) - 1).clamp(0, size.numel() - 1)

@@ -44,7 +44,7 @@ TTShape check_tt_args(
   TT_CHECK(s.r.back() == 1, VALUE, table, "the last core must have output rank 1, got ", s.r.back());
   int64_t rows = 1, dim = 1;
   for (int64_t k = 0; k < s.d; ++k) {
-    TT_CHECK(rows <= (int64_t(1) << 62) / s.p[k], VALUE, table, "product of p_shapes overflows int64");
+    TT_CHECK(rows <= (int64_t(1) << 52) / s.p[k], VALUE, table, "product of p_shapes exceeds 2^52 rows");
     rows *= s.p[k];
     dim *= s.q[k];
   }

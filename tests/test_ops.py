@@ -330,3 +330,39 @@ def test_empty_batch_and_empty_bags():
     out.sum().backward()
     assert all(torch.count_nonzero(c.grad) == 0 for c in t.cores)
     assert t(torch.tensor([], dtype=torch.int64), torch.tensor([], dtype=torch.int64)).shape == (0, 7)
+
+
+# ---- forward hands its plan to backward ------------------------------------------------------------
+
+def test_backward_reuses_plan_only_for_the_same_batch():
+    """Forward stores its plan for backward, keyed on the ids/offsets/weights tensors themselves: a
+    backward given other tensors (same shapes, other values) or tensors changed in place must not
+    reuse it, and forward calls that never get a backward must not break later ones."""
+    cores = [c.requires_grad_() for c in random_cores([4, 3, 5], [2, 1, 3], [1, 3, 2, 1])]
+    n = 60
+    g = torch.Generator().manual_seed(1)
+    ids_a, ids_b = torch.randint(0, n, (40,), generator=g), torch.randint(0, n, (40,), generator=g)
+    offsets = torch.tensor([0, 9, 9, 25, 40])
+    grad = torch.randn(4, 6, dtype=torch.float64, generator=g)
+
+    def reference_grads(ids):
+        leaves = [c.detach().clone().requires_grad_() for c in cores]
+        tt_embedding_bag_reference(leaves, ids, offsets, include_last_offset=True).backward(grad)
+        return [c.grad for c in leaves]
+
+    def backward_op(ids):
+        return OPS.tt_embedding_bag_backward(grad, [c.detach() for c in cores], ids, offsets, None, n, 0, True,
+                                             False, "t")[0]
+
+    for _ in range(100):  # forward calls without backward (e.g. evaluation with grad enabled) age out
+        ops.tt_embedding_bag(cores, ids_b.clone(), offsets, num_embeddings=n, include_last_offset=True)
+    ops.tt_embedding_bag(cores, ids_a, offsets, num_embeddings=n, include_last_offset=True)
+    for got, want in zip(backward_op(ids_b), reference_grads(ids_b)):  # other ids: not ids_a's plan
+        torch.testing.assert_close(got, want)
+    ops.tt_embedding_bag(cores, ids_b, offsets, num_embeddings=n, include_last_offset=True)
+    ids_b[:5] = ids_b[5:10].clone()  # changed in place after forward: the stored plan is stale
+    for got, want in zip(backward_op(ids_b), reference_grads(ids_b)):
+        torch.testing.assert_close(got, want)
+    ops.tt_embedding_bag(cores, ids_a, offsets, num_embeddings=n, include_last_offset=True)
+    for got, want in zip(backward_op(ids_a), reference_grads(ids_a)):  # the matching plan
+        torch.testing.assert_close(got, want)

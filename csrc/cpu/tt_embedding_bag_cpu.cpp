@@ -14,6 +14,7 @@
 #include "../tt_checks.h"
 #include "tt_gemm.h"
 #include "tt_plan.h"
+#include "tt_plan_cache.h"
 
 namespace torchrec_tt::cpu {
 namespace {
@@ -270,12 +271,15 @@ void apply_fused_update(FusedOptimizer opt, T* w, T* state, int64_t numel, const
 
 struct Args {
   TTShape shape;
-  TTPlan plan;
+  std::shared_ptr<const TTPlan> plan;
 };
 
+// Checks the arguments and returns the batch's plan: the one its forward stored (backward of a
+// training step), or a new one (stored by forward when a backward can follow).
 Args prepare(const std::string& table, at::TensorList cores, const at::Tensor& indices, const at::Tensor& offsets,
              const std::optional<at::Tensor>& psw, int64_t num_embeddings, int64_t pooling_mode,
-             bool include_last_offset, int64_t bounds_check_mode, bool backward, const CacheMap* cache = nullptr) {
+             bool include_last_offset, int64_t bounds_check_mode, bool backward, const CacheMap* cache = nullptr,
+             const at::Tensor* cache_map = nullptr) {
   Args a;
   a.shape = check_tt_args(table, cores, indices, offsets, psw, num_embeddings, pooling_mode, include_last_offset,
                           bounds_check_mode);
@@ -283,9 +287,14 @@ Args prepare(const std::string& table, at::TensorList cores, const at::Tensor& i
   TT_CHECK(cores[0].scalar_type() == at::kFloat || cores[0].scalar_type() == at::kDouble, TYPE, table,
            "CPU kernels take float32 or float64 cores, got ", cores[0].scalar_type(),
            " (half/bfloat16 cores are supported on CUDA)");
+  PlanKey key(indices, offsets, psw, cores[0], cache_map, num_embeddings, include_last_offset);
+  if (backward && (a.plan = take_plan(key))) return a;
+  const bool store = !backward && plan_wanted_by_backward(cores[0]);
   // Backward drops what forward was told to drop (an error would already have been raised there).
   const auto mode = backward ? BoundsCheckMode::kIgnore : static_cast<BoundsCheckMode>(bounds_check_mode);
-  a.plan = build_plan(table, a.shape, indices, offsets, psw, include_last_offset, mode, backward, cache);
+  a.plan = std::make_shared<const TTPlan>(
+      build_plan(table, a.shape, indices, offsets, psw, include_last_offset, mode, backward || store, cache));
+  if (store) put_plan(std::move(key), a.plan);
   return a;
 }
 
@@ -309,7 +318,7 @@ at::Tensor tt_embedding_bag(at::TensorList cores, const at::Tensor& indices, con
                          bounds_check_mode, false);
   at::Tensor out;
   AT_DISPATCH_FLOATING_TYPES(cores[0].scalar_type(), "tt_embedding_bag_cpu", [&] {
-    out = forward_impl<scalar_t>(a.shape, a.plan, cores, psw, pooling_mode == 1);
+    out = forward_impl<scalar_t>(a.shape, *a.plan, cores, psw, pooling_mode == 1);
   });
   return out;
 }
@@ -332,7 +341,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> tt_embedding_bag_backward(
   const std::string table(table_name);
   const auto a = prepare(table, cores, indices, offsets, psw, num_embeddings, pooling_mode, include_last_offset,
                          0, true);
-  check_grad_output(table, grad_output, a.plan.num_bags, a.shape, cores[0]);
+  check_grad_output(table, grad_output, a.plan->num_bags, a.shape, cores[0]);
   TT_CHECK(!psw_grad || psw.has_value(), VALUE, table, "per_sample_weights_grad needs per_sample_weights");
   std::vector<at::Tensor> grads;
   for (const auto& c : cores) grads.push_back(at::zeros_like(c));
@@ -341,7 +350,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> tt_embedding_bag_backward(
     std::vector<scalar_t*> gp;
     for (auto& t : grads) gp.push_back(t.data_ptr<scalar_t>());
     backward_impl<scalar_t>(
-        a.shape, a.plan, cores, grad_output, psw, pooling_mode == 1,
+        a.shape, *a.plan, cores, grad_output, psw, pooling_mode == 1,
         psw_grad ? grad_psw.data_ptr<scalar_t>() : nullptr,
         [&](int64_t k, int64_t v, const scalar_t* gs) {
           const int64_t n = a.shape.slice_numel(k);
@@ -365,7 +374,7 @@ void fused_backward(const Args& a, FusedOptimizer opt, at::TensorList cores, at:
   const auto eps = static_cast<T>(eps_d);
   const int64_t D = a.shape.embedding_dim;
   backward_impl<T>(
-      a.shape, a.plan, cores, grad_output, psw, mean, nullptr,
+      a.shape, *a.plan, cores, grad_output, psw, mean, nullptr,
       [&](int64_t k, int64_t v, const T* gs) {
         const int64_t n = a.shape.slice_numel(k);
         T* state = nullptr;
@@ -393,7 +402,7 @@ void tt_embedding_bag_backward_fused_(const at::Tensor& grad_output, at::TensorL
   const auto opt = parse_optimizer(table, std::string(optimizer));
   const auto a = prepare(table, cores, indices, offsets, psw, num_embeddings, pooling_mode, include_last_offset,
                          0, true);
-  check_grad_output(table, grad_output, a.plan.num_bags, a.shape, cores[0]);
+  check_grad_output(table, grad_output, a.plan->num_bags, a.shape, cores[0]);
   check_optimizer_state(table, opt, cores, optimizer_state, learning_rate, eps);
   AT_DISPATCH_FLOATING_TYPES(cores[0].scalar_type(), "tt_embedding_bag_backward_fused_cpu", [&] {
     fused_backward<scalar_t>(a, opt, cores, optimizer_state, grad_output, psw, pooling_mode == 1, learning_rate,
@@ -416,13 +425,13 @@ std::tuple<at::Tensor, at::Tensor> tt_cached_embedding_bag_fused(
                    cache_state, cache_map, cache_trained);
   const auto cache = cache_map_of(cache_map, cache_weight);
   const auto a = prepare(table, cores, indices, offsets, psw, num_embeddings, pooling_mode, include_last_offset,
-                         bounds_check_mode, false, &cache);
+                         bounds_check_mode, false, &cache, &cache_map);
   at::Tensor out;
   AT_DISPATCH_FLOATING_TYPES(cores[0].scalar_type(), "tt_cached_embedding_bag_cpu", [&] {
-    out = forward_impl<scalar_t>(a.shape, a.plan, cores, psw, pooling_mode == 1, cache_weight.data_ptr<scalar_t>());
+    out = forward_impl<scalar_t>(a.shape, *a.plan, cores, psw, pooling_mode == 1, cache_weight.data_ptr<scalar_t>());
   });
-  const auto hits = static_cast<int64_t>(a.plan.cached_occ.size());
-  const auto counts = at::tensor({hits, static_cast<int64_t>(a.plan.occ.size())}, at::kLong);
+  const auto hits = static_cast<int64_t>(a.plan->cached_occ.size());
+  const auto counts = at::tensor({hits, static_cast<int64_t>(a.plan->occ.size())}, at::kLong);
   return {out, counts};
 }
 
@@ -437,8 +446,8 @@ void tt_cached_embedding_bag_backward_fused_(
   check_cache_args(table, opt, cores, num_embeddings, cache_weight, cache_state, cache_map, cache_trained);
   const auto cache = cache_map_of(cache_map, cache_weight);
   const auto a = prepare(table, cores, indices, offsets, psw, num_embeddings, pooling_mode, include_last_offset,
-                         0, true, &cache);
-  check_grad_output(table, grad_output, a.plan.num_bags, a.shape, cores[0]);
+                         0, true, &cache, &cache_map);
+  check_grad_output(table, grad_output, a.plan->num_bags, a.shape, cores[0]);
   check_optimizer_state(table, opt, cores, optimizer_state, learning_rate, eps);
   AT_DISPATCH_FLOATING_TYPES(cores[0].scalar_type(), "tt_cached_embedding_bag_backward_fused_cpu", [&] {
     fused_backward<scalar_t>(a, opt, cores, optimizer_state, grad_output, psw, pooling_mode == 1, learning_rate,

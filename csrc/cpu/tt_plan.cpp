@@ -12,30 +12,56 @@ namespace {
 template <typename Id>
 void collect_valid_ids(const std::string& table, const TTShape& s, const Id* ids, int64_t n,
                        BoundsCheckMode mode, std::vector<int64_t>& keys, std::vector<int64_t>& pos) {
-  keys.reserve(n);
-  pos.reserve(n);
-  int64_t dropped = 0;
-  for (int64_t i = 0; i < n; ++i) {
+  keys.resize(n);
+  pos.resize(n);
+  int64_t kept = 0;
+  for (int64_t i = 0; i < n; ++i) {  // branch-free keep; the rare bad id is handled below
     const int64_t id = static_cast<int64_t>(ids[i]);
-    if (id >= 0 && id < s.num_embeddings) {
-      keys.push_back(id);
-      pos.push_back(i);
-      continue;
+    keys[kept] = id;
+    pos[kept] = i;
+    kept += (id >= 0) & (id < s.num_embeddings);
+  }
+  if (kept < n) {
+    for (int64_t i = 0; i < n && mode == BoundsCheckMode::kError; ++i) {
+      const int64_t id = static_cast<int64_t>(ids[i]);
+      TT_CHECK(id >= 0 && id < s.num_embeddings, INDEX, table, id < 0 ? "negative id " : "id ", id,
+               " at position ", i, " is out of range [0, ", s.num_embeddings, ")");
     }
-    TT_CHECK(mode != BoundsCheckMode::kError, INDEX, table, id < 0 ? "negative id " : "id ", id,
-             " at position ", i, " is out of range [0, ", s.num_embeddings, ")");
-    ++dropped;
+    if (mode == BoundsCheckMode::kWarn) {
+      TORCH_WARN("torchrec_tt: table '", table, "': dropped ", n - kept, " of ", n, " ids outside [0, ",
+                 s.num_embeddings, ")");
+    }
   }
-  if (dropped > 0 && mode == BoundsCheckMode::kWarn) {
-    TORCH_WARN("torchrec_tt: table '", table, "': dropped ", dropped, " of ", n, " ids outside [0, ",
-               s.num_embeddings, ")");
-  }
+  keys.resize(kept);
+  pos.resize(kept);
 }
+
+// Mixed-radix digits (i_1, ..., i_d) of an id. 64-bit integer division costs tens of cycles and
+// the plan needs d - 1 of them per distinct id, so they are done as a multiply by the reciprocal
+// in double precision (exact for ids < 2^52 after a +-1 correction).
+struct DigitSplitter {
+  std::vector<int64_t> p;
+  std::vector<double> inv;
+
+  explicit DigitSplitter(const TTShape& s) : p(s.p), inv(s.d) {
+    for (int64_t k = 0; k < s.d; ++k) inv[k] = 1.0 / static_cast<double>(p[k]);
+  }
+  void operator()(int64_t id, int64_t* digits) const {
+    for (int64_t k = static_cast<int64_t>(p.size()) - 1; k > 0; --k) {
+      int64_t q = static_cast<int64_t>(static_cast<double>(id) * inv[k]);
+      q -= q * p[k] > id;
+      q += (q + 1) * p[k] <= id;
+      digits[k] = id - q * p[k];
+      id = q;
+    }
+    digits[0] = id;
+  }
+};
 
 // Stable LSD radix sort of (key, value) pairs by key, keys in [0, max_key): a few linear passes,
 // much cheaper than a comparison sort for the batch sizes of embedding lookups.
 void radix_sort_pairs(std::vector<int64_t>& keys, std::vector<int64_t>& vals, int64_t max_key) {
-  constexpr int kBits = 11;
+  constexpr int kBits = 12;  // two passes for tables up to 16.7M rows
   constexpr int64_t kBuckets = int64_t(1) << kBits;
   const size_t n = keys.size();
   std::vector<int64_t> k2(n), v2(n), count(kBuckets);
@@ -96,47 +122,72 @@ TTPlan build_plan(const std::string& table, const TTShape& s, const at::Tensor& 
   }
   if (plan.num_bags > 0) plan.bag_start[plan.num_bags] = include_last_offset ? off[count - 1] : n;
 
-  // Divisors to read the prefix of length k+1 of an id: id / (p_{k+2} * ... * p_d).
-  std::vector<int64_t> div(s.d, 1);
-  for (int64_t k = s.d - 2; k >= 0; --k) div[k] = div[k + 1] * s.p[k + 1];
-  plan.digit.assign(s.d, {});
-  plan.parent.assign(s.d, {});
-  std::vector<int64_t> last_prefix(s.d, -1);
-  plan.occ.reserve(keys.size());
-  int64_t last_id = -1, cached = -1;  // cache slot of the current id, -1 if it is rebuilt
-  for (size_t i = 0; i < keys.size(); ++i) {
-    const int64_t id = keys[i];
-    if (id != last_id) {
-      last_id = id;
-      cached = cache ? cache->lookup(id) : -1;
-      if (cached >= 0) {
-        plan.cached_slot.push_back(cached);
-        plan.cached_occ_start.push_back(static_cast<int64_t>(plan.cached_occ.size()));
-      } else {
-        plan.occ_start.push_back(static_cast<int64_t>(plan.occ.size()));
-        bool new_branch = false;  // once a prefix changes, all longer prefixes are new nodes too
-        for (int64_t k = 0; k < s.d; ++k) {
-          const int64_t prefix = id / div[k];
-          if (new_branch || prefix != last_prefix[k]) {
-            new_branch = true;
-            last_prefix[k] = prefix;
-            plan.digit[k].push_back(prefix % s.p[k]);
-            if (k > 0) plan.parent[k].push_back(plan.level_size(k - 1) - 1);
-          }
-        }
+  // Runs of equal keys: one per distinct id (run_start[r] is written again until run r begins).
+  const int64_t nk = static_cast<int64_t>(keys.size());
+  std::vector<int64_t> run_start(nk + 1);
+  int64_t runs = 0;
+  for (int64_t i = 0; i < nk; ++i) {
+    run_start[runs] = i;
+    runs += i == 0 || keys[i] != keys[i - 1];
+  }
+  run_start[runs] = nk;
+  std::vector<int64_t> cache_slots;  // of each distinct id
+  if (cache) {
+    std::vector<int64_t> distinct(runs);
+    for (int64_t r = 0; r < runs; ++r) distinct[r] = keys[run_start[r]];
+    cache->lookup_all(distinct, cache_slots);
+  }
+
+  // Prefix tree over the rebuilt ids, occurrence lists of rebuilt and cached ids. Sized for the
+  // worst case and trimmed after: plain indexed stores in the loop.
+  plan.occ.resize(nk);
+  plan.occ_start.resize(runs + 1);
+  plan.cached_occ.resize(cache ? nk : 0);
+  plan.cached_slot.resize(cache ? runs : 0);
+  plan.cached_occ_start.resize(cache ? runs + 1 : 1);
+  plan.digit.assign(s.d, std::vector<int64_t>(runs));
+  plan.parent.assign(s.d, std::vector<int64_t>(runs));
+  std::vector<int64_t> level(s.d, 0), last_digits(s.d, -1), digits(s.d);
+  const DigitSplitter split(s);
+  int64_t rebuilt = 0, cached = 0, n_occ = 0, n_cached_occ = 0;
+  for (int64_t r = 0; r < runs; ++r) {
+    const int64_t lo = run_start[r], hi = run_start[r + 1];
+    const int64_t c = cache ? cache_slots[r] : -1;
+    if (c >= 0) {
+      plan.cached_slot[cached] = c;
+      plan.cached_occ_start[cached++] = n_cached_occ;
+      for (int64_t i = lo; i < hi; ++i) {
+        plan.cached_occ[n_cached_occ++] = positions[i];
+        plan.slot[positions[i]] = -2 - c;
       }
+      continue;
     }
-    if (cached >= 0) {
-      plan.cached_occ.push_back(positions[i]);
-      plan.slot[positions[i]] = -2 - cached;
-    } else {
-      plan.occ.push_back(positions[i]);
+    plan.occ_start[rebuilt] = n_occ;
+    for (int64_t i = lo; i < hi; ++i) {
+      plan.occ[n_occ++] = positions[i];
+      plan.slot[positions[i]] = rebuilt;
+    }
+    ++rebuilt;
+    split(keys[lo], digits.data());
+    int64_t k = 0;  // the first level whose prefix differs from the previous rebuilt id's
+    while (k < s.d && digits[k] == last_digits[k]) ++k;
+    for (; k < s.d; ++k) {  // once a prefix changes, all longer prefixes are new nodes too
+      last_digits[k] = digits[k];
+      plan.digit[k][level[k]] = digits[k];
+      if (k > 0) plan.parent[k][level[k]] = level[k - 1] - 1;
+      ++level[k];
     }
   }
-  plan.occ_start.push_back(static_cast<int64_t>(plan.occ.size()));
-  plan.cached_occ_start.push_back(static_cast<int64_t>(plan.cached_occ.size()));
-  for (int64_t u = 0; u + 1 < static_cast<int64_t>(plan.occ_start.size()); ++u) {
-    for (int64_t o = plan.occ_start[u]; o < plan.occ_start[u + 1]; ++o) plan.slot[plan.occ[o]] = u;
+  plan.occ_start[rebuilt] = n_occ;
+  plan.occ_start.resize(rebuilt + 1);
+  plan.occ.resize(n_occ);
+  plan.cached_occ_start[cached] = n_cached_occ;
+  plan.cached_occ_start.resize(cached + 1);
+  plan.cached_slot.resize(cached);
+  plan.cached_occ.resize(n_cached_occ);
+  for (int64_t k = 0; k < s.d; ++k) {
+    plan.digit[k].resize(level[k]);
+    plan.parent[k].resize(k > 0 ? level[k] : 0);
   }
   for (int64_t pos = 0; pos < n; ++pos) {
     if (plan.slot[pos] != -1) ++plan.bag_valid[plan.bag_of[pos]];

@@ -1,0 +1,40 @@
+// Plans built by a forward call, handed to the matching backward call.
+//
+// A plan depends only on the ids, offsets, per-sample weights, the table's shapes and (with a
+// hot-row cache) the cache's id -> slot map. Autograd hands backward the very tensors forward saw,
+// so a training step can sort and dedupe its ids once instead of twice. Entries hold references
+// to the tensors of their key, so their memory cannot be reused by another tensor while the entry
+// lives, and a key matches only if each tensor still has the same data pointer, shape and version
+// counter (an in-place change in between means a rebuild). Entries are consumed by backward;
+// forward calls without a backward (eval with grad enabled) age out of a small LRU list.
+#pragma once
+#include <ATen/ATen.h>
+
+#include <memory>
+#include <optional>
+#include <vector>
+
+#include "tt_plan.h"
+
+namespace torchrec_tt::cpu {
+
+struct PlanKey {
+  std::vector<at::Tensor> tensors;  // ids, offsets, weights, cores[0] (the table), cache map
+  std::vector<int64_t> versions;
+  int64_t num_embeddings = 0;
+  bool include_last_offset = false;
+
+  PlanKey(const at::Tensor& indices, const at::Tensor& offsets, const std::optional<at::Tensor>& psw,
+          const at::Tensor& core0, const at::Tensor* cache_map, int64_t num_embeddings, bool include_last_offset);
+  bool operator==(const PlanKey& other) const;
+};
+
+// Whether forward should store its plan: only when a backward can follow.
+bool plan_wanted_by_backward(const at::Tensor& core0);
+
+void put_plan(PlanKey key, std::shared_ptr<const TTPlan> plan);
+
+// The stored plan for `key` (removed from the store), or nullptr.
+std::shared_ptr<const TTPlan> take_plan(const PlanKey& key);
+
+}  // namespace torchrec_tt::cpu

@@ -35,7 +35,8 @@ TORCH_LIBRARY(torchrec_tt, m) {
       "Tensor indices, Tensor offsets, Tensor? per_sample_weights, int num_embeddings, int pooling_mode, "
       "bool include_last_offset, str optimizer, float learning_rate, float eps, str table_name) -> ()");
   // Hot-row cache (CPU): ids held in the cache (map: TTRowCache's id -> slot buckets) read their
-  // uncompressed row instead of the TT chain; the second output counts (cached, rebuilt) ids.
+  // uncompressed row instead of the TT chain; the second output gives each id's cache slot
+  // (-1: rebuilt from the cores, -2: dropped by the bounds check).
   m.def(
       "tt_cached_embedding_bag_fused(Tensor[] cores, Tensor[] optimizer_state, Tensor cache_weight, "
       "Tensor cache_state, Tensor cache_map, Tensor cache_trained, Tensor indices, Tensor offsets, "

@@ -190,9 +190,11 @@ def test_counts_decay_and_stay_bounded():
             ids = torch.arange(8) + (0 if step < 10 else 100)
             t(ids.repeat(3), torch.tensor([0]))
             assert t.cache.cand_ids.numel() == t.cache.candidates == 32  # fixed memory
+            assert t.cache.slot_counts.numel() == 8
     assert set(t.cache.cached_ids.tolist()) == set(range(100, 108))
+    # the evicted ids went back to the candidates with their counts, which have aged away
     old = t.cache.cand_counts[torch.isin(t.cache.cand_ids, torch.arange(8))]
-    assert old.numel() == 0 or old.max() < 1e-3 * t.cache.cand_counts.max()
+    assert old.numel() == 8 and old.max() < 1e-3 * t.cache.slot_counts.min()
 
 
 # ---- checkpoint ----------------------------------------------------------------------------------
@@ -401,10 +403,16 @@ def test_opcheck_cached_op():
     torch.library.opcheck(torch.ops.torchrec_tt.tt_cached_embedding_bag_fused.default,
                           (list(t.cores), t.optimizer_state(), *cache, ids, offsets, psw, 512, 0, True, 0,
                            "rowwise_adagrad", 0.1, 1e-8, "op"))
-    out, counts = ops.tt_cached_embedding_bag_fused(list(t.cores), t.optimizer_state(), *cache, ids, offsets, psw,
-                                                    num_embeddings=512, optimizer="rowwise_adagrad",
-                                                    learning_rate=0.1, include_last_offset=True)
-    assert counts.tolist() == [4, 1]  # 1, 2, 7, 7 cached; 300 rebuilt
+    out, where = ops.tt_cached_embedding_bag_fused(list(t.cores), t.optimizer_state(), *cache, ids, offsets, psw,
+                                                   num_embeddings=512, optimizer="rowwise_adagrad",
+                                                   learning_rate=0.1, include_last_offset=True)
+    slots = c.slots_of(ids)
+    assert (slots[[0, 1, 3, 4]] >= 0).all() and where.tolist() == slots.tolist()  # 1, 2, 7 cached; 300 rebuilt
+    bad = torch.tensor([7, 600, 300])
+    _, where = ops.tt_cached_embedding_bag_fused(list(t.cores), t.optimizer_state(), *cache, bad, torch.tensor([0]),
+                                                 num_embeddings=512, optimizer="rowwise_adagrad", learning_rate=0.1,
+                                                 bounds_check_mode="ignore")
+    assert where.tolist() == [int(slots[3]), -2, -1]  # cached, dropped, rebuilt
     grad = torch.randn(3, 8)
     torch.library.opcheck(torch.ops.torchrec_tt.tt_cached_embedding_bag_backward_fused_.default,
                           (grad, [x.detach().clone() for x in t.cores], [s.clone() for s in t.optimizer_state()],

@@ -130,8 +130,8 @@ def tt_cached_embedding_bag_fused(
     """``tt_embedding_bag_fused`` with a hot-row cache (CPU): ids found in ``cache_map`` (the
     ``TTRowCache`` id -> slot buckets) read row ``cache_weight[slot]`` instead of the TT chain, and
     backward applies ``optimizer`` to those rows too (``cache_state``: their Adagrad state, empty for
-    SGD) and sets ``cache_trained[slot]``. Returns the pooled output and int64 ``[cached, rebuilt]``
-    counts of the valid ids."""
+    SGD) and sets ``cache_trained[slot]``. Returns the pooled output and, per id, int64 its cache slot
+    (-1: rebuilt from the cores, -2: dropped by the bounds check)."""
     if per_sample_weights is not None and per_sample_weights.requires_grad:
         raise ValueError(f"torchrec_tt: table '{table_name}': gradients for per_sample_weights are not "
                          "available with a fused optimizer; detach them or use optimizer=None")
@@ -179,7 +179,7 @@ def _(cores, optimizer_state, cache_weight, cache_state, cache_map, cache_traine
       per_sample_weights, num_embeddings, pooling_mode, include_last_offset, bounds_check_mode, optimizer,
       learning_rate, eps, table_name):
     return (cores[0].new_empty(_pooled_shape(cores, offsets, include_last_offset)),
-            cores[0].new_empty((2,), dtype=torch.long))
+            indices.new_empty((indices.numel(),), dtype=torch.long))
 
 
 @torch.library.register_fake("torchrec_tt::tt_cached_embedding_bag_backward_fused_")
@@ -240,7 +240,7 @@ def _cached_setup_context(ctx, inputs, output):
     ctx.save_for_backward(indices, offsets, psw)
 
 
-def _cached_backward(ctx, grad, _grad_counts):
+def _cached_backward(ctx, grad, _grad_where):
     indices, offsets, psw = ctx.saved_tensors
     with torch.no_grad():
         _ops.tt_cached_embedding_bag_backward_fused_(grad, ctx.cores, ctx.state, *ctx.cache, indices, offsets,

@@ -9,6 +9,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <cmath>
 
 #include "../tt_checks.h"
@@ -36,6 +37,24 @@ T* scratch(size_t slot, size_t numel) {
   return pool[slot].data();
 }
 
+// at::parallel_for gives each thread one equal share of the range; on a shared machine one late
+// thread then holds up every level. Here the threads take chunks of `grain` items from a shared
+// counter instead, so a slow or busy thread just takes fewer chunks.
+template <typename F>
+void parallel_chunks(int64_t begin, int64_t end, int64_t grain, const F& f) {
+  const int64_t chunks = (end - begin + grain - 1) / grain;
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), chunks);
+  if (chunks <= 0) return;
+  if (threads <= 1 || at::in_parallel_region()) return f(begin, end);
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < chunks;) {
+      const int64_t lo = begin + c * grain;
+      f(lo, std::min(end, lo + grain));
+    }
+  });
+}
+
 // Partial products P_k[j] (m_k x r_{k+1}, m_k = q_0...q_k) of the prefix-tree nodes of levels 0..last.
 template <typename T>
 struct Partials {
@@ -48,22 +67,37 @@ struct Partials {
   }
 };
 
+// Partial products of levels 0..last. With `saved`, levels the forward kept are reused (backward)
+// or, with keep, the computed levels are kept there for the backward (forward).
 template <typename T>
-Partials<T> compute_partials(const TTShape& s, const TTPlan& plan, at::TensorList cores, int64_t last) {
+Partials<T> compute_partials(const TTShape& s, const TTPlan& plan, at::TensorList cores, int64_t last,
+                             SavedBatch* saved = nullptr, bool keep = false) {
   Partials<T> P;
   P.core0 = cores[0].data_ptr<T>();
   P.level.resize(last + 1);
   P.stride.resize(last + 1);
+  if (keep) saved->partials.resize(last + 1);
   int64_t m = s.q[0];
   P.stride[0] = m * s.r[1];
   for (int64_t k = 1; k <= last; ++k) {
     const int64_t m_prev = m;
     m *= s.q[k];
     P.stride[k] = m * s.r[k + 1];
-    P.level[k] = scratch<T>(kFirstLevel + k, plan.level_size(k) * P.stride[k]);
+    const int64_t numel = plan.level_size(k) * P.stride[k];
+    if (saved && !keep && k < static_cast<int64_t>(saved->partials.size()) && saved->partials[k].defined() &&
+        saved->partials[k].numel() == numel && saved->partials[k].scalar_type() == cores[0].scalar_type()) {
+      P.level[k] = saved->partials[k].data_ptr<T>();
+      continue;
+    }
+    if (keep) {
+      saved->partials[k] = at::empty({numel}, cores[0].options().requires_grad(false));
+      P.level[k] = saved->partials[k].data_ptr<T>();
+    } else {
+      P.level[k] = scratch<T>(kFirstLevel + k, numel);
+    }
     const T* core = cores[k].data_ptr<T>();
     const int64_t slice = s.slice_numel(k);
-    at::parallel_for(0, plan.level_size(k), kNodeGrain, [&](int64_t lo, int64_t hi) {
+    parallel_chunks(0, plan.level_size(k), kNodeGrain, [&](int64_t lo, int64_t hi) {
       for (int64_t j = lo; j < hi; ++j) {
         std::fill_n(P.level[k] + j * P.stride[k], P.stride[k], T(0));
         gemm_nn_acc(P.level[k] + j * P.stride[k], P.node(plan, k - 1, plan.parent[k][j]),
@@ -91,14 +125,15 @@ inline const T* row_of(const TTShape& s, const TTPlan& plan, const Partials<T>& 
 
 template <typename T>
 at::Tensor forward_impl(const TTShape& s, const TTPlan& plan, at::TensorList cores,
-                        const std::optional<at::Tensor>& psw_opt, bool mean, const T* cache_w = nullptr) {
+                        const std::optional<at::Tensor>& psw_opt, bool mean, SavedBatch* keep,
+                        const T* cache_w = nullptr) {
   auto out = at::zeros({plan.num_bags, s.embedding_dim}, cores[0].options());
-  const auto P = compute_partials<T>(s, plan, cores, s.d - 1);
+  const auto P = compute_partials<T>(s, plan, cores, s.d - 1, keep, keep != nullptr);
   const at::Tensor psw_t = psw_opt.has_value() ? psw_opt->contiguous() : at::Tensor();
   const T* psw = psw_t.defined() ? psw_t.data_ptr<T>() : nullptr;
   T* o = out.data_ptr<T>();
   const int64_t D = s.embedding_dim;
-  at::parallel_for(0, plan.num_bags, kBagGrain, [&](int64_t lo, int64_t hi) {
+  parallel_chunks(0, plan.num_bags, kBagGrain, [&](int64_t lo, int64_t hi) {
     for (int64_t b = lo; b < hi; ++b) {
       T* ob = o + b * D;
       for (int64_t pos = plan.bag_start[b]; pos < plan.bag_start[b + 1]; ++pos) {
@@ -131,16 +166,16 @@ inline void row_grad(const TTPlan& plan, const T* psw, bool mean, const T* g, in
 template <typename T, typename OnSlice, typename OnCachedRow>
 void backward_impl(const TTShape& s, const TTPlan& plan, at::TensorList cores, const at::Tensor& grad_out,
                    const std::optional<at::Tensor>& psw_opt, bool mean, T* psw_grad, OnSlice on_slice,
-                   const T* cache_w, OnCachedRow on_cached_row) {
+                   const T* cache_w, OnCachedRow on_cached_row, SavedBatch* saved) {
   const int64_t D = s.embedding_dim;
-  const auto P = compute_partials<T>(s, plan, cores, psw_grad ? s.d - 1 : s.d - 2);
+  const auto P = compute_partials<T>(s, plan, cores, psw_grad ? s.d - 1 : s.d - 2, saved);
   const at::Tensor psw_t = psw_opt.has_value() ? psw_opt->contiguous() : at::Tensor();
   const T* psw = psw_t.defined() ? psw_t.data_ptr<T>() : nullptr;
   const auto g_t = grad_out.contiguous();
   const T* g = g_t.data_ptr<T>();
 
   if (psw_grad) {
-    at::parallel_for(0, static_cast<int64_t>(plan.slot.size()), kBagGrain, [&](int64_t lo, int64_t hi) {
+    parallel_chunks(0, static_cast<int64_t>(plan.slot.size()), kBagGrain, [&](int64_t lo, int64_t hi) {
       for (int64_t pos = lo; pos < hi; ++pos) {
         if (plan.slot[pos] == -1) continue;
         const T* row = row_of(s, plan, P, cache_w, pos);
@@ -153,7 +188,7 @@ void backward_impl(const TTShape& s, const TTPlan& plan, at::TensorList cores, c
   }
 
   // Cached rows: one gradient per unique cached id (distinct slots, so updates do not race).
-  at::parallel_for(0, plan.num_cached(), kNodeGrain, [&](int64_t lo, int64_t hi) {
+  parallel_chunks(0, plan.num_cached(), kNodeGrain, [&](int64_t lo, int64_t hi) {
     thread_local std::vector<T> du;
     du.resize(D);
     for (int64_t c = lo; c < hi; ++c) {
@@ -166,7 +201,7 @@ void backward_impl(const TTShape& s, const TTPlan& plan, at::TensorList cores, c
   // Gradient of each unique rebuilt row.
   size_t cur_slot = kRowGrad, prev_slot = kPrevGrad;
   T* d_cur = scratch<T>(cur_slot, plan.num_unique() * D);
-  at::parallel_for(0, plan.num_unique(), kNodeGrain, [&](int64_t lo, int64_t hi) {
+  parallel_chunks(0, plan.num_unique(), kNodeGrain, [&](int64_t lo, int64_t hi) {
     for (int64_t u = lo; u < hi; ++u) {
       const int64_t first = plan.occ_start[u];
       row_grad(plan, psw, mean, g, D, plan.occ.data() + first, plan.occ_start[u + 1] - first, d_cur + u * D);
@@ -186,7 +221,7 @@ void backward_impl(const TTShape& s, const TTPlan& plan, at::TensorList cores, c
     const auto& start = plan.by_digit_start[k];
     const auto& order = plan.by_digit[k];
     T* core_t = scratch<T>(kCoreT, s.p[k] * slice);
-    at::parallel_for(0, s.p[k], kNodeGrain, [&](int64_t lo, int64_t hi) {
+    parallel_chunks(0, s.p[k], kNodeGrain, [&](int64_t lo, int64_t hi) {
       for (int64_t v = lo; v < hi; ++v) {
         if (start[v] == start[v + 1]) continue;
         const T* src = core + v * slice;
@@ -197,7 +232,7 @@ void backward_impl(const TTShape& s, const TTPlan& plan, at::TensorList cores, c
     });
     const int64_t block = m * s.r[k];
     T* per_child = scratch<T>(kChildGrad, plan.level_size(k) * block);
-    at::parallel_for(0, plan.level_size(k), kNodeGrain, [&](int64_t lo, int64_t hi) {
+    parallel_chunks(0, plan.level_size(k), kNodeGrain, [&](int64_t lo, int64_t hi) {
       for (int64_t j = lo; j < hi; ++j) {
         std::fill_n(per_child + j * block, block, T(0));
         gemm_nn_acc(per_child + j * block, d_cur + j * m * n, core_t + plan.digit[k][j] * slice, m, n, s.r[k]);
@@ -205,7 +240,7 @@ void backward_impl(const TTShape& s, const TTPlan& plan, at::TensorList cores, c
     });
     T* d_prev = scratch<T>(prev_slot, plan.level_size(k - 1) * block);
     const auto& fc = plan.first_child[k - 1];
-    at::parallel_for(0, plan.level_size(k - 1), kNodeGrain, [&](int64_t lo, int64_t hi) {
+    parallel_chunks(0, plan.level_size(k - 1), kNodeGrain, [&](int64_t lo, int64_t hi) {
       for (int64_t jp = lo; jp < hi; ++jp) {
         T* dst = d_prev + jp * block;
         std::fill_n(dst, block, T(0));
@@ -219,7 +254,7 @@ void backward_impl(const TTShape& s, const TTPlan& plan, at::TensorList cores, c
     // the nodes' P and dP rows are stacked so the sum is one product of depth (nodes x m_{k-1}), whose
     // register tiles then stay in registers across all the nodes.
     const int64_t p_rows = m * s.r[k];
-    at::parallel_for(0, s.p[k], kNodeGrain, [&](int64_t lo, int64_t hi) {
+    parallel_chunks(0, s.p[k], kNodeGrain, [&](int64_t lo, int64_t hi) {
       thread_local std::vector<T> buf, a_stack, b_stack;  // per worker, reused across calls
       buf.resize(slice);
       for (int64_t v = lo; v < hi; ++v) {
@@ -241,7 +276,7 @@ void backward_impl(const TTShape& s, const TTPlan& plan, at::TensorList cores, c
     d_cur = d_prev;
   }
   // Level 0 nodes have distinct digits: their gradient is the core-0 slice gradient.
-  at::parallel_for(0, plan.level_size(0), kNodeGrain, [&](int64_t lo, int64_t hi) {
+  parallel_chunks(0, plan.level_size(0), kNodeGrain, [&](int64_t lo, int64_t hi) {
     for (int64_t j = lo; j < hi; ++j) on_slice(0, plan.digit[0][j], d_cur + j * s.slice_numel(0));
   });
 }
@@ -272,6 +307,9 @@ void apply_fused_update(FusedOptimizer opt, T* w, T* state, int64_t numel, const
 struct Args {
   TTShape shape;
   std::shared_ptr<const TTPlan> plan;
+  // forward: where to keep its partial products for the backward (null: none will follow);
+  // backward: what its forward kept (null: recompute)
+  std::shared_ptr<SavedBatch> saved;
 };
 
 // Checks the arguments and returns the batch's plan: the one its forward stored (backward of a
@@ -288,13 +326,20 @@ Args prepare(const std::string& table, at::TensorList cores, const at::Tensor& i
            "CPU kernels take float32 or float64 cores, got ", cores[0].scalar_type(),
            " (half/bfloat16 cores are supported on CUDA)");
   PlanKey key(indices, offsets, psw, cores[0], cache_map, num_embeddings, include_last_offset);
-  if (backward && (a.plan = take_plan(key))) return a;
+  if (backward && (a.saved = take_plan(key))) {
+    a.plan = a.saved->plan;
+    return a;
+  }
   const bool store = !backward && plan_wanted_by_backward(cores[0]);
   // Backward drops what forward was told to drop (an error would already have been raised there).
   const auto mode = backward ? BoundsCheckMode::kIgnore : static_cast<BoundsCheckMode>(bounds_check_mode);
   a.plan = std::make_shared<const TTPlan>(
       build_plan(table, a.shape, indices, offsets, psw, include_last_offset, mode, backward || store, cache));
-  if (store) put_plan(std::move(key), a.plan);
+  if (store) {
+    a.saved = std::make_shared<SavedBatch>();
+    a.saved->plan = a.plan;
+    put_plan(std::move(key), a.saved);
+  }
   return a;
 }
 
@@ -318,7 +363,7 @@ at::Tensor tt_embedding_bag(at::TensorList cores, const at::Tensor& indices, con
                          bounds_check_mode, false);
   at::Tensor out;
   AT_DISPATCH_FLOATING_TYPES(cores[0].scalar_type(), "tt_embedding_bag_cpu", [&] {
-    out = forward_impl<scalar_t>(a.shape, *a.plan, cores, psw, pooling_mode == 1);
+    out = forward_impl<scalar_t>(a.shape, *a.plan, cores, psw, pooling_mode == 1, a.saved.get());
   });
   return out;
 }
@@ -356,7 +401,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> tt_embedding_bag_backward(
           const int64_t n = a.shape.slice_numel(k);
           std::copy(gs, gs + n, gp[k] + v * n);
         },
-        nullptr, kNoCachedRows);
+        nullptr, kNoCachedRows, a.saved.get());
   });
   return {grads, grad_psw};
 }
@@ -389,7 +434,8 @@ void fused_backward(const Args& a, FusedOptimizer opt, at::TensorList cores, at:
         if (opt == FusedOptimizer::kRowwiseAdagrad) state = cache_state + slot;
         apply_fused_update<T>(opt, cache_w + slot * D, state, D, gs, lr, eps);
         trained[slot] = true;
-      });
+      },
+      a.saved.get());
 }
 
 void tt_embedding_bag_backward_fused_(const at::Tensor& grad_output, at::TensorList cores,
@@ -428,11 +474,15 @@ std::tuple<at::Tensor, at::Tensor> tt_cached_embedding_bag_fused(
                          bounds_check_mode, false, &cache, &cache_map);
   at::Tensor out;
   AT_DISPATCH_FLOATING_TYPES(cores[0].scalar_type(), "tt_cached_embedding_bag_cpu", [&] {
-    out = forward_impl<scalar_t>(a.shape, *a.plan, cores, psw, pooling_mode == 1, cache_weight.data_ptr<scalar_t>());
+    out = forward_impl<scalar_t>(a.shape, *a.plan, cores, psw, pooling_mode == 1, a.saved.get(),
+                                 cache_weight.data_ptr<scalar_t>());
   });
-  const auto hits = static_cast<int64_t>(a.plan->cached_occ.size());
-  const auto counts = at::tensor({hits, static_cast<int64_t>(a.plan->occ.size())}, at::kLong);
-  return {out, counts};
+  // where each id went: its cache slot, -1 rebuilt from the cores, -2 dropped (out of range)
+  auto where = at::empty({indices.numel()}, indices.options().dtype(at::kLong));
+  int64_t* w = where.data_ptr<int64_t>();
+  const auto& slot = a.plan->slot;
+  for (size_t pos = 0; pos < slot.size(); ++pos) w[pos] = slot[pos] >= 0 ? -1 : slot[pos] == -1 ? -2 : -2 - slot[pos];
+  return {out, where};
 }
 
 void tt_cached_embedding_bag_backward_fused_(

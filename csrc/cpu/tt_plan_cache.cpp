@@ -17,7 +17,7 @@ constexpr size_t kMaxBytes = size_t(64) << 20;
 
 struct Entry {
   PlanKey key;
-  std::shared_ptr<const TTPlan> plan;
+  std::shared_ptr<SavedBatch> saved;
   size_t bytes;
 };
 std::mutex mutex;
@@ -68,10 +68,11 @@ bool plan_wanted_by_backward(const at::Tensor& core0) {
   return core0.requires_grad() && !c10::InferenceMode::is_enabled();
 }
 
-void put_plan(PlanKey key, std::shared_ptr<const TTPlan> plan) {
-  const size_t bytes = plan_bytes(*plan);
+void put_plan(PlanKey key, std::shared_ptr<SavedBatch> saved) {
+  // the partial products are added after forward computed them: budget them from the plan's size
+  const size_t bytes = 2 * plan_bytes(*saved->plan);
   std::lock_guard<std::mutex> lock(mutex);
-  entries.push_front(Entry{std::move(key), std::move(plan), bytes});
+  entries.push_front(Entry{std::move(key), std::move(saved), bytes});
   total_bytes += bytes;
   while (entries.size() > 1 && (entries.size() > kMaxEntries || total_bytes > kMaxBytes)) {
     total_bytes -= entries.back().bytes;
@@ -79,14 +80,14 @@ void put_plan(PlanKey key, std::shared_ptr<const TTPlan> plan) {
   }
 }
 
-std::shared_ptr<const TTPlan> take_plan(const PlanKey& key) {
+std::shared_ptr<SavedBatch> take_plan(const PlanKey& key) {
   std::lock_guard<std::mutex> lock(mutex);
   for (auto it = entries.begin(); it != entries.end(); ++it) {
     if (it->key == key) {
-      auto plan = std::move(it->plan);
+      auto saved = std::move(it->saved);
       total_bytes -= it->bytes;
       entries.erase(it);
-      return plan;
+      return saved;
     }
   }
   return nullptr;

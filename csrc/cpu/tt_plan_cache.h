@@ -29,12 +29,19 @@ struct PlanKey {
   bool operator==(const PlanKey& other) const;
 };
 
+// What a forward call leaves for its backward: the plan and the partial products it computed
+// (levels k >= 1, index k; backward would otherwise recompute them from the same cores).
+struct SavedBatch {
+  std::shared_ptr<const TTPlan> plan;
+  std::vector<at::Tensor> partials;
+};
+
 // Whether forward should store its plan: only when a backward can follow.
 bool plan_wanted_by_backward(const at::Tensor& core0);
 
-void put_plan(PlanKey key, std::shared_ptr<const TTPlan> plan);
+void put_plan(PlanKey key, std::shared_ptr<SavedBatch> saved);
 
-// The stored plan for `key` (removed from the store), or nullptr.
-std::shared_ptr<const TTPlan> take_plan(const PlanKey& key);
+// What forward stored for `key` (removed from the store), or nullptr.
+std::shared_ptr<SavedBatch> take_plan(const PlanKey& key);
 
 }  // namespace torchrec_tt::cpu

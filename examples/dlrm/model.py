@@ -16,8 +16,10 @@ from examples.dlrm.data import CAT_FEATURES, NUM_DENSE
 
 def make_tables(cardinalities: Sequence[int], dim: int, tt_tables: int, tt_rank: int,
                 tt_optimizer: Optional[str], tt_lr: float, tt_init: str = "sampled_gaussian",
+                cache_fraction: Optional[float] = None, cache_refresh_interval: int = 1000,
                 ) -> List[EmbeddingBagConfig]:
-    """One table per categorical feature; the ``tt_tables`` largest become ``TTEmbeddingBagConfig``."""
+    """One table per categorical feature; the ``tt_tables`` largest become ``TTEmbeddingBagConfig``
+    (with a hot-row cache of ``cache_fraction`` of their rows when given)."""
     order = sorted(range(len(cardinalities)), key=lambda i: -cardinalities[i])
     tt = set(order[:tt_tables])
     tables: List[EmbeddingBagConfig] = []
@@ -27,7 +29,8 @@ def make_tables(cardinalities: Sequence[int], dim: int, tt_tables: int, tt_rank:
         if i in tt:
             tables.append(TTEmbeddingBagConfig(
                 **common, tt_ranks=tt_rank, weights_init=tt_init, optimizer=tt_optimizer,
-                learning_rate=tt_lr if tt_optimizer else None))
+                learning_rate=tt_lr if tt_optimizer else None, cache_fraction=cache_fraction or None,
+                cache_refresh_interval=cache_refresh_interval))
         else:
             tables.append(EmbeddingBagConfig(**common))
     return tables
@@ -55,11 +58,12 @@ def size_report(model: DLRM) -> Dict[str, float]:
     ebc: TTEmbeddingBagCollection = model.sparse_arch.embedding_bag_collection
     dense_all = sum(t.num_embeddings * t.embedding_dim * 4 for t in ebc.embedding_bag_configs())
     tt_dense = sum(t.num_embeddings * t.embedding_dim * 4 for t in ebc.tt_configs())
-    tt_ours = sum(m.num_tt_parameters() * 4 for m in ebc.tt_tables.values())
+    tt_cache = sum(m.cache.weight.numel() * 4 for m in ebc.tt_tables.values() if m.cache is not None)
+    tt_ours = sum(m.num_tt_parameters() * 4 for m in ebc.tt_tables.values()) + tt_cache  # cached rows count
     mlp = sum(p.numel() * 4 for n, p in model.named_parameters() if "embedding_bag_collection" not in n)
     ours = dense_all - tt_dense + tt_ours
     return {"emb_bytes_dense": dense_all, "emb_bytes_ours": ours, "tt_bytes_dense": tt_dense,
-            "tt_bytes_ours": tt_ours, "mlp_bytes": mlp,
+            "tt_bytes_ours": tt_ours, "tt_cache_bytes": tt_cache, "mlp_bytes": mlp,
             "tt_compression": tt_dense / tt_ours if tt_ours else 1.0,
             "emb_compression": dense_all / ours, "model_compression": (dense_all + mlp) / (ours + mlp),
             "tt_tables": len(ebc.tt_configs())}
@@ -73,7 +77,8 @@ def describe_tables(model: DLRM) -> str:
             m = ebc.tt_tables[t.name]
             lines.append(f"  {t.name:8s} {t.num_embeddings:>10,} x {t.embedding_dim}  TT ranks {m.ranks[1:-1]} "
                          f"p={m.p_shapes} q={m.q_shapes} init={m.weights_init} opt="
-                         f"{m.optimizer.name if m.optimizer else 'dense-grad'}  {m.compression_ratio():,.0f}x")
+                         f"{m.optimizer.name if m.optimizer else 'dense-grad'}  {m.compression_ratio():,.0f}x"
+                         + (f"  cache {m.cache.rows:,} rows" if m.cache is not None else ""))
     dense = [t for t in ebc.embedding_bag_configs() if t.name not in ebc.tt_tables]
     if dense:
         lines.append(f"  {len(dense)} dense tables, {sum(t.num_embeddings for t in dense):,} rows in all")

@@ -50,6 +50,7 @@ from examples.dlrm.data import (KAGGLE_CARDINALITIES, TERABYTE_CARDINALITIES, Ba
 from examples.dlrm.model import describe_tables, human_bytes, make_dlrm, make_tables, size_report  # noqa: E402
 from torchrec_tt.config import TTEmbeddingBagConfig  # noqa: E402
 from torchrec_tt.distributed import get_sharders_and_planner  # noqa: E402
+from torchrec_tt.modules.tt_embedding_bag import TTEmbeddingBag  # noqa: E402
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -76,6 +77,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     m.add_argument("--over-arch", type=str, default="128,64", help="top MLP hidden sizes (output = 1 logit)")
     m.add_argument("--tt-tables", type=int, default=5, help="the N largest tables are TT (0 = all dense)")
     m.add_argument("--tt-rank", type=int, default=32)
+    m.add_argument("--tt-cache-fraction", type=float, default=0.0,
+                   help="hot-row cache of each TT table: this fraction of its rows kept uncompressed (0: none)")
+    m.add_argument("--tt-cache-refresh", type=int, default=200, help="training steps between cache refreshes")
     m.add_argument("--tt-init", default="sampled_gaussian", choices=["sampled_gaussian", "uniform", "normal"])
     m.add_argument("--tt-optimizer", default="rowwise_adagrad", choices=["rowwise_adagrad", "adagrad", "sgd", "none"],
                    help="fused optimizer of the TT cores; 'none' = dense core gradients + the MLP optimizer")
@@ -223,6 +227,24 @@ def maybe_fail(step: int, rank: int, ckpt_dir: Optional[str]) -> None:
 # ---- evaluation -----------------------------------------------------------------------------------
 
 @torch.no_grad()
+def cache_report(dmp) -> Dict[str, Dict[str, float]]:
+    """Hot-row cache statistics of every cached TT table, summed over the ranks that hold it (the
+    owner of a table-wise table counts every rank's ids; data-parallel replicas count their own)."""
+    local = {m.name: m.cache_stats() for m in dmp.modules() if isinstance(m, TTEmbeddingBag) and m.cache is not None}
+    gathered: List[Dict] = [None] * dist.get_world_size()  # type: ignore[list-item]
+    dist.all_gather_object(gathered, local)
+    report: Dict[str, Dict[str, float]] = {}
+    for stats in gathered:
+        for name, st in stats.items():
+            r = report.setdefault(name, {"hits": 0, "misses": 0, "evictions": 0, "rows_written_back": 0,
+                                         "capacity": st["capacity"]})
+            for k in ("hits", "misses", "evictions", "rows_written_back"):
+                r[k] += st[k]
+    for r in report.values():
+        r["hit_rate"] = r["hits"] / max(1, r["hits"] + r["misses"])
+    return report
+
+
 def evaluate(dmp, batches: Iterator[Batch], device: torch.device) -> Dict[str, float]:
     """AUC (torchmetrics BinaryAUROC) and log loss over every rank's held-out batches."""
     dmp.eval()
@@ -254,7 +276,7 @@ def build_tables(args, cardinalities: List[int], world: int, device: torch.devic
     tt_opt = None if args.tt_optimizer == "none" else args.tt_optimizer
     if not args.auto_compress:
         return make_tables(cardinalities, args.embedding_dim, args.tt_tables, args.tt_rank, tt_opt, args.tt_lr,
-                           args.tt_init)
+                           args.tt_init, args.tt_cache_fraction, args.tt_cache_refresh)
     try:
         from torchrec_tt.planner import choose_compression, make_topology
     except ImportError as e:
@@ -269,7 +291,8 @@ def build_tables(args, cardinalities: List[int], world: int, device: torch.devic
     if rank == 0:
         chosen = [f"{t.name} (rank {t.tt_ranks})" for t in tables if isinstance(t, TTEmbeddingBagConfig)]
         print(f"compression chooser, {args.hbm_gb} GB per rank: TT tables {chosen or 'none (all dense fit)'}")
-    return [dataclasses.replace(t, weights_init=args.tt_init)
+    cache = dict(cache_fraction=args.tt_cache_fraction or None, cache_refresh_interval=args.tt_cache_refresh)
+    return [dataclasses.replace(t, weights_init=args.tt_init, **cache)
             if isinstance(t, TTEmbeddingBagConfig) else t for t in tables]
 
 
@@ -385,6 +408,8 @@ def main(argv: Optional[List[str]] = None) -> Dict:
                "auc": final.get("auc"), "logloss": final.get("logloss"), **sizes,
                "tt_rank": args.tt_rank, "tt_init": args.tt_init, "scale_tables": args.scale_tables,
                "args": vars(args)}
+    if args.tt_cache_fraction:
+        summary["tt_cache"] = cache_report(dmp)
     if args.train:  # every rank reads every line, so rank 0's counts are the totals
         summary["lines_read"] = sum(x.stats["lines"] for x in loaders)
         summary["corrupt_lines_skipped"] = sum(x.stats["skipped"] for x in loaders)
@@ -409,6 +434,10 @@ def print_summary(s: Dict) -> None:
     print(f"whole model (tables + MLPs, fp32): {s['model_compression']:.1f}x smaller")
     if s["auc"] is not None:
         print(f"eval AUC {s['auc']:.4f}, log loss {s['logloss']:.4f}")
+    for name, c in s.get("tt_cache", {}).items():
+        print(f"hot-row cache {name}: {c['capacity']:,} rows, hit rate {100 * c['hit_rate']:.1f} % "
+              f"({c['hits']:,} hits, {c['misses']:,} misses), {c['evictions']:,} evictions, "
+              f"{c['rows_written_back']:,} rows written back")
     if "lines_read" in s:
         print(f"input: {s['lines_read']:,} lines read (all passes), {s['corrupt_lines_skipped']:,} corrupt lines skipped")
     if s["samples_per_s"]:

@@ -4,10 +4,11 @@ Recommendation ids are heavily skewed, so a small set of rows takes most lookups
 a copy instead of a chain of matrix products and are trained at full capacity. Against the
 reference CUDA cache (DESIGN.md §3) this one
 
-* ages its counts (exponential decay per training step) and keeps them in bounded memory: a
-  fixed-size candidate set of ``K`` ids (a few times the cache size) plus a fixed-size buffer of ids
-  seen since the last merge; both are merged with ``torch.unique`` and trimmed to the top ``K``
-  when the buffer fills or at a refresh (never one counter per row of the table);
+* ages its counts (exponential decay per training step) and keeps them in bounded memory: one
+  counter per cache slot for the ids it holds (hits: a scatter-add per step), and for the others a
+  fixed-size candidate set of ``K`` ids (a few times the cache size) plus a fixed-size buffer of
+  the missed ids seen since the last merge; both are merged with ``torch.unique`` and trimmed to
+  the top ``K`` when the buffer fills or at a refresh (never one counter per row of the table);
 * refreshes automatically every ``refresh_interval`` training steps (and on ``refresh_cache()``);
 * writes what evicted rows learned back into the cores (a few L-BFGS steps on
   ``||tt_rows(ids) - cached_rows||^2`` over the touched core slices) and reports the residual;
@@ -15,8 +16,17 @@ reference CUDA cache (DESIGN.md §3) this one
 * agrees across data-parallel replicas: counts and "trained" flags are combined over the default
   process group at refresh, so every rank admits and evicts the same rows.
 
-The per-step work is tensor ops only (a hash-map gather for the id -> slot map, cumulative sums for
-the split offsets); host syncs happen only at refresh.
+Two lookup paths, equal up to float rounding (tested against each other):
+
+* CPU tables with a fused optimizer: the TT kernel itself takes the cache (``tt_cached_embedding_bag_fused``).
+  Its per-batch plan looks each distinct id up in the id -> slot map, leaves cached ids out of the
+  prefix tree, pools their uncompressed rows, and its backward applies the fused rule to them in the
+  same pass as the core slices. Python only appends the ids to the count buffer.
+* everywhere else (CUDA, ``torch.optim`` mode): tensor ops split each batch into cached and
+  rebuilt ids (a hash-map gather, cumulative sums for the two sets of offsets), a dense
+  ``embedding_bag`` on the cached rows and the TT op on the rest.
+
+Host syncs happen only at refresh.
 """
 from __future__ import annotations
 
@@ -139,6 +149,9 @@ class TTRowCache(nn.Module):
         self.register_buffer("cand_counts", torch.zeros(self.candidates, device=dev, dtype=torch.float64))
         self.register_buffer("pending_ids", torch.full((self.candidates,), -1, **long))
         self.register_buffer("pending_steps", torch.zeros(self.candidates, **long))
+        # decayed count of each cached id, as of the last merge (hits since then weighted up by
+        # decay^-(age), so a merge rescales all counts at once)
+        self.register_buffer("slot_counts", torch.zeros(self.rows, device=dev, dtype=torch.float64))
         # step counter, fill of pending_ids, step of the last merge (Python mirrors avoid host syncs)
         self.register_buffer("counters", torch.zeros(3, **long))
         # hits, misses, evictions (int64); write-back residual before/after, rows written back (float64)
@@ -197,6 +210,7 @@ class TTRowCache(nn.Module):
         self.trained.zero_()
         self.cand_ids.fill_(-1)
         self.cand_counts.zero_()
+        self.slot_counts.zero_()
         if hasattr(self, "optimizer_state"):
             self.optimizer_state.zero_()
         self.steps = self.fill = self.merged_at = 0
@@ -253,11 +267,35 @@ class TTRowCache(nn.Module):
         self.fill += ids.numel()
 
     @torch.no_grad()
+    def _count(self, ids: torch.Tensor, where: torch.Tensor) -> None:
+        """Per lookup: hit/miss statistics; in training also the counts (``where``: each id's slot,
+        -1 rebuilt, -2 dropped). Hits add to their slot's counter, missed ids go to the buffer."""
+        hit, miss = where >= 0, where == -1
+        self.hit_stats[:2] += torch.stack((hit.sum(), miss.sum()))
+        if not self.training:
+            return
+        # every id adds to a slot (misses add 0 to slot 0): cheaper than compacting the hits first
+        weight = self.decay ** (self.merged_at - self.steps)
+        self.slot_counts.index_add_(0, where.clamp(min=0), hit.to(torch.float64) * weight)
+        self._observe(ids[miss])
+        self.steps += 1
+        if self.steps - self.merged_at >= 10_000:  # keep the weights of hits since the merge finite
+            self._merge()
+
+    @torch.no_grad()
     def _merge(self) -> None:
         """Fold pending ids into the candidate set with decayed weights; keep the top ``K``."""
         now = self.steps
-        w_old = self.cand_counts * self.decay ** (now - self.merged_at)
-        w_new = self.decay ** (now - self.pending_steps[:self.fill]).to(torch.float64)
+        scale = self.decay ** (now - self.merged_at)
+        self.slot_counts *= scale
+        if self.fill == 0:
+            self.cand_counts *= scale
+            self.merged_at = now
+            return
+        w_old = self.cand_counts * scale
+        ages = now - self.pending_steps[:self.fill]  # in [0, now - merged_at]: a table instead of pow per id
+        w_new = (self.decay ** torch.arange(now - self.merged_at + 1, dtype=torch.float64,
+                                            device=ages.device)).index_select(0, ages)
         ids = torch.cat([self.cand_ids, self.pending_ids[:self.fill]])
         w = torch.cat([w_old, w_new])
         self._set_candidates(ids, w)
@@ -290,20 +328,24 @@ class TTRowCache(nn.Module):
             dist.all_gather(cnt, self.cand_counts.contiguous(), group=group)
             self._set_candidates(torch.cat(ids), torch.cat(cnt))
             self.cand_counts /= world  # stored share: the next sum over ranks counts history once
+            dist.all_reduce(self.slot_counts, group=group)  # replicas hold the same ids in the same slots
+            self.slot_counts /= world
             flags = trained.to(torch.int32)
             dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
             trained = flags.bool()
         # rank candidates and current rows: count desc, then already cached (no churn on ties), then id
         cur = self.cached_ids[self.cached_ids >= 0]
         pool = torch.cat([self.cand_ids[self.cand_ids >= 0], cur])
-        pool_counts = torch.cat([self.cand_counts[self.cand_ids >= 0],
-                                 torch.zeros(cur.numel(), dtype=torch.float64, device=cur.device)])
+        pool_counts = torch.cat([self.cand_counts[self.cand_ids >= 0], self.slot_counts[self.cached_ids >= 0]])
         uniq, inv = torch.unique(pool, return_inverse=True)
         counts = torch.zeros(uniq.numel(), dtype=torch.float64, device=uniq.device).index_add_(0, inv, pool_counts)
         is_cur = torch.isin(uniq, cur).to(torch.int8)
         order = torch.sort(is_cur, descending=True, stable=True).indices
         order = order[torch.sort(counts[order], descending=True, stable=True).indices]
         chosen = uniq[order[:self.rows]]
+        # ids left out go (back) to the candidates with their counts
+        rest = order[self.rows:]
+        self._set_candidates(uniq[rest], counts[rest])
 
         live = self.cached_ids >= 0
         stay = live & torch.isin(self.cached_ids, chosen)
@@ -318,6 +360,7 @@ class TTRowCache(nn.Module):
         new_ids = chosen[~torch.isin(chosen, self.cached_ids[stay])]
         free = torch.nonzero(~stay).reshape(-1)[:new_ids.numel()]  # enough: |new| <= rows - |stay|
         self.cached_ids[~stay] = -1
+        self.slot_counts[~stay] = 0
         self.weight[~stay] = 0
         if hasattr(self, "optimizer_state"):
             self.optimizer_state[~stay] = 0  # admitted rows start with fresh optimizer state
@@ -325,6 +368,7 @@ class TTRowCache(nn.Module):
             self.weight.grad[~stay] = 0
         if new_ids.numel():  # admission after write-back, so new rows see the updated cores
             self.cached_ids[free] = new_ids
+            self.slot_counts[free] = counts[torch.searchsorted(uniq, new_ids)]  # uniq is sorted
             self.weight[free] = table.rows(new_ids).to(self.weight.dtype)
         self.trained.copy_(trained & stay)
         self._rebuild_map()
@@ -386,18 +430,15 @@ class TTRowCache(nn.Module):
     def _kernel_lookup(self, table, ids, offsets, psw, include_last_offset) -> torch.Tensor:
         """The CPU kernel's cached path (fused optimizers): one plan per call; cached ids read their
         row instead of the TT chain and are trained in the same backward; nothing else in Python."""
-        if self.training:
-            self._observe(ids.reshape(-1).long())
-            self.steps += 1
         state = getattr(self, "optimizer_state", None)
         opt = table.optimizer
-        out, counts = ops.tt_cached_embedding_bag_fused(
+        out, where = ops.tt_cached_embedding_bag_fused(
             list(table.cores), table.optimizer_state(), self.weight.data,
             state if state is not None else self.weight.new_empty(0), self._map, self.trained, ids, offsets, psw,
             num_embeddings=table.num_embeddings, optimizer=opt.name, learning_rate=opt.learning_rate,
             eps=opt.eps, mode=table.mode, include_last_offset=include_last_offset,
             bounds_check_mode=table.bounds_check_mode, table_name=table.name)
-        self.hit_stats[:2] += counts
+        self._count(ids.reshape(-1).long(), where)
         return out
 
     def lookup(self, table, ids: torch.Tensor, offsets: torch.Tensor, psw: Optional[torch.Tensor],
@@ -416,9 +457,6 @@ class TTRowCache(nn.Module):
             off = torch.cat([off, torch.full((1,), L, device=dev, dtype=torch.long)])
         off = off.clamp(0, L)
         ids64 = ids.long()
-        if self.training:
-            self._observe(ids64)  # invalid ids are dropped at the merge
-            self.steps += 1
         slots = self.slots_of(ids64)  # -1 for ids not cached, including ids outside the table
         hit = slots >= 0
         miss = ~hit
@@ -427,8 +465,7 @@ class TTRowCache(nn.Module):
         h_off = c_hit.index_select(0, off)
         m_off = off - h_off  # misses before each offset
         valid = (ids64 >= 0) & (ids64 < self.num_embeddings)
-        self.hit_stats[0] += h_off[-1] - h_off[0]
-        self.hit_stats[1] += valid.sum() - (h_off[-1] - h_off[0])  # misses among the valid ids
+        self._count(ids64, torch.where(valid, slots, -2))
         w = psw.reshape(-1) if psw is not None else None
         if table.mode == "mean":  # divide by the full bag size (valid ids), not by the part on each side
             c_val = torch.cat([zero, valid.cumsum(0)])

@@ -374,7 +374,8 @@ def test_kernel_path_rejects_bad_cache_arguments_untouched():
     ids, offsets = torch.tensor([1, 2, 300]), torch.tensor([0, 1])
     cases = [(dict(cache_weight=c.weight.data.double()), TypeError, "cache weight must have the cores' dtype"),
              (dict(cache_weight=c.weight.data[:, :4]), ValueError, r"cache weight must have shape \[rows > 0, 8\]"),
-             (dict(cache_state=c.optimizer_state[:, :2].contiguous()), ValueError, "cache optimizer state must have shape"),
+             (dict(cache_state=c.optimizer_state[:, :2].contiguous()), ValueError,
+              "cache optimizer state must have shape"),
              (dict(cache_state=c.optimizer_state.t()), ValueError, "cache tensors must be contiguous"),
              (dict(cache_map=c._map.int()), ValueError, "cache map must be int64"),
              (dict(cache_trained=c.trained[:3]), ValueError, r"cache trained flags must be bool \[16\]")]

@@ -109,7 +109,7 @@ def _train(rank, world, argv):
     from examples.dlrm import train
     summary = train.main(argv)
     return {k: summary[k] for k in ("auc", "logloss", "steps", "history", "tt_tables", "tt_compression")
-            } | {k: v for k, v in summary.items() if k in ("lines_read", "corrupt_lines_skipped")}
+            } | {k: v for k, v in summary.items() if k in ("lines_read", "corrupt_lines_skipped", "tt_cache")}
 
 
 def _metrics(history):
@@ -158,6 +158,20 @@ def test_resume_from_checkpoint_matches_uninterrupted(two_rank_run, tmp_path):
                                              "--ckpt-dir", str(tmp_path / "ckpt"), "--out", str(tmp_path)]
     resumed, _ = run_ranks(_train, argv)
     assert _metrics(resumed["history"]) == _metrics(r0["history"])  # same evaluations at steps 5..20, bit for bit
+
+
+def test_cached_tt_tables_train_and_resume_exactly(tmp_path):
+    """2 ranks, TT tables with hot-row caches (table-wise, refreshed every 4 steps): the caches are hit,
+    and a run resumed from the step-8 checkpoint (caches included) matches the uninterrupted one."""
+    argv = TINY + ["--steps", "16", "--eval-every", "4", "--tt-cache-fraction", "0.05", "--tt-cache-refresh", "4",
+                   "--ckpt-dir", str(tmp_path / "ckpt"), "--ckpt-every", "8", "--out", str(tmp_path / "a")]
+    full, _ = run_ranks(_train, argv)
+    caches = full["tt_cache"]
+    assert len(caches) == 5 and all(c["hit_rate"] > 0.2 and c["evictions"] > 0 for c in caches.values()), caches
+    argv = argv[:argv.index("--ckpt-dir")] + ["--resume-from", str(tmp_path / "ckpt" / "step_0000008"),
+                                             "--out", str(tmp_path / "b")]
+    resumed, _ = run_ranks(_train, argv)
+    assert _metrics(resumed["history"]) == _metrics(full["history"])
 
 
 def test_torchx_restart_after_a_rank_dies(two_rank_run, tmp_path):

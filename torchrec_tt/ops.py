@@ -80,6 +80,12 @@ def tt_embedding_bag(
         include_last_offset, int(BoundsCheckMode.parse(bounds_check_mode)), table_name)
 
 
+def _check_no_weight_grad(per_sample_weights: Optional[torch.Tensor], table_name: str) -> None:
+    if per_sample_weights is not None and per_sample_weights.requires_grad:
+        raise ValueError(f"torchrec_tt: table '{table_name}': gradients for per_sample_weights are not "
+                         "available with a fused optimizer; detach them or use optimizer=None")
+
+
 def tt_embedding_bag_fused(
     cores: Sequence[torch.Tensor],
     optimizer_state: Sequence[torch.Tensor],
@@ -98,9 +104,7 @@ def tt_embedding_bag_fused(
 ) -> torch.Tensor:
     """Same lookup; its backward applies ``optimizer`` to the touched core slices in place and
     returns no gradient for the cores (as FBGEMM's fused TBE)."""
-    if per_sample_weights is not None and per_sample_weights.requires_grad:
-        raise ValueError(f"torchrec_tt: table '{table_name}': gradients for per_sample_weights are not "
-                         "available with a fused optimizer; detach them or use optimizer=None")
+    _check_no_weight_grad(per_sample_weights, table_name)
     return _ops.tt_embedding_bag_fused(
         list(cores), list(optimizer_state), indices, offsets, per_sample_weights, num_embeddings,
         pooling_mode(mode), include_last_offset, int(BoundsCheckMode.parse(bounds_check_mode)), optimizer,
@@ -132,9 +136,7 @@ def tt_cached_embedding_bag_fused(
     backward applies ``optimizer`` to those rows too (``cache_state``: their Adagrad state, empty for
     SGD) and sets ``cache_trained[slot]``. Returns the pooled output and, per id, int64 its cache slot
     (-1: rebuilt from the cores, -2: dropped by the bounds check)."""
-    if per_sample_weights is not None and per_sample_weights.requires_grad:
-        raise ValueError(f"torchrec_tt: table '{table_name}': gradients for per_sample_weights are not "
-                         "available with a fused optimizer; detach them or use optimizer=None")
+    _check_no_weight_grad(per_sample_weights, table_name)
     return _ops.tt_cached_embedding_bag_fused(
         list(cores), list(optimizer_state), cache_weight, cache_state, cache_map, cache_trained, indices,
         offsets, per_sample_weights, num_embeddings, pooling_mode(mode), include_last_offset,

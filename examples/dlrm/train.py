@@ -245,6 +245,7 @@ def cache_report(dmp) -> Dict[str, Dict[str, float]]:
     return report
 
 
+@torch.no_grad()
 def evaluate(dmp, batches: Iterator[Batch], device: torch.device) -> Dict[str, float]:
     """AUC (torchmetrics BinaryAUROC) and log loss over every rank's held-out batches."""
     dmp.eval()

@@ -89,18 +89,23 @@ inline __attribute__((always_inline)) void register_tile(T* __restrict__ c, int6
 
 // C[rows, n] += sum_t A(row, t) * B[t, :] (C, B contiguous with n columns).
 // Covers C += A @ B (a_row = depth, a_col = 1) and C += A^T @ B (a_row = 1, a_col = rows).
-template <typename T>
+// MT rows per tile: 2 x 2 accumulators (8 ymm on AVX2) leave room for B; AVX-512's 32 registers
+// take 4 rows (B is then read once per 4 rows of C, and the FMAs, not the loads, set the pace).
+template <typename T, int MT>
 inline __attribute__((always_inline)) void rank_update(T* __restrict__ c, const T* __restrict__ a,
                                                        int64_t a_row, int64_t a_col, const T* __restrict__ b,
                                                        int64_t rows, int64_t depth, int64_t n) {
   constexpr int NV = 2;                        // 64-byte vectors per tile row
   constexpr int NT = NV * 64 / int(sizeof(T));  // columns per tile
-  constexpr int MT = 2;  // rows per tile: 2 x 2 accumulators (8 ymm on AVX2) leave room for B
   int64_t j0 = 0;
   for (; j0 + NT <= n; j0 += NT) {
     int64_t i0 = 0;
     for (; i0 + MT <= rows; i0 += MT)
       register_tile<T, MT, NV>(c + i0 * n + j0, n, a + i0 * a_row, a_row, a_col, b + j0, n, depth);
+    if constexpr (MT > 2) {
+      for (; i0 + 2 <= rows; i0 += 2)
+        register_tile<T, 2, NV>(c + i0 * n + j0, n, a + i0 * a_row, a_row, a_col, b + j0, n, depth);
+    }
     for (; i0 < rows; ++i0) register_tile<T, 1, NV>(c + i0 * n + j0, n, a + i0 * a_row, a_row, a_col, b + j0, n, depth);
   }
   if (j0 < n) rank_update_rows<T>(c + j0, n, a, a_row, a_col, b + j0, n, rows, depth, n - j0);

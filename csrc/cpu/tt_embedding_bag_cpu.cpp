@@ -224,10 +224,7 @@ void backward_impl(const TTShape& s, const TTPlan& plan, at::TensorList cores, c
     parallel_chunks(0, s.p[k], kNodeGrain, [&](int64_t lo, int64_t hi) {
       for (int64_t v = lo; v < hi; ++v) {
         if (start[v] == start[v + 1]) continue;
-        const T* src = core + v * slice;
-        T* dst = core_t + v * slice;
-        for (int64_t a = 0; a < s.r[k]; ++a)
-          for (int64_t b = 0; b < n; ++b) dst[b * s.r[k] + a] = src[a * n + b];
+        transpose(core_t + v * slice, core + v * slice, s.r[k], n);
       }
     });
     const int64_t block = m * s.r[k];

@@ -115,7 +115,8 @@ inline __attribute__((always_inline)) void rank_update(T* __restrict__ c, const 
 // inlined into each clone) and the loader picks the best one for the running CPU.
 #define TT_DECLARE_GEMMS(T)                                                             \
   void gemm_nn_acc(T* c, const T* a, const T* b, int64_t m, int64_t k, int64_t n);  \
-  void gemm_tn_acc(T* c, const T* a, const T* b, int64_t m, int64_t r, int64_t n);
+  void gemm_tn_acc(T* c, const T* a, const T* b, int64_t m, int64_t r, int64_t n);  \
+  void transpose(T* dst, const T* src, int64_t rows, int64_t cols);
 
 TT_DECLARE_GEMMS(float)
 TT_DECLARE_GEMMS(double)

@@ -447,7 +447,7 @@ class TTRowCache(nn.Module):
         the TT op with recomputed offsets; the sum equals the uncached module's output."""
         if self.training and self.steps > 0 and self.steps % self.refresh_interval == 0:
             self.refresh(table)  # at a step boundary: the previous step's backward has run
-        if self.use_kernel and self.fused is not None and ids.device.type == "cpu":
+        if self.use_kernel and self.fused is not None and self.weight.device.type == "cpu":
             return self._kernel_lookup(table, ids, offsets, psw, include_last_offset)
         # few, cheap ops per step (each one costs on a loaded 2-core box): no host sync anywhere here
         ids = ids.reshape(-1)

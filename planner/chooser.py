@@ -119,7 +119,7 @@ def choose_compression(tables: Sequence[EmbeddingBagConfig], topology: Topology,
 def choose(tables: Sequence[EmbeddingBagConfig], topology: Topology, *, batch_size: int,
            min_rank: int = 1, max_rank: int = 64, num_cores: int = 3,
            tt_optimizer: Any = None, tt_learning_rate: Optional[float] = None,
-           keep_dense: Sequence[str] = (), constraints: Optional[Dict[str, ParameterConstraints]] = None,
+           tt_cache: Optional[Dict[str, Any]] = None, keep_dense: Sequence[str] = (), constraints: Optional[Dict[str, ParameterConstraints]] = None,
            fused_params: Optional[Dict[str, Any]] = None, module_path: str = "",
            estimator_kwargs: Optional[Dict[str, Any]] = None, min_ratio: float = 2.0,
            **planner_kwargs: Any) -> Choice:
@@ -130,6 +130,8 @@ def choose(tables: Sequence[EmbeddingBagConfig], topology: Topology, *, batch_si
         topology: world size and per-device memory (``make_topology``); ``batch_size``: per rank.
         min_rank, max_rank: the TT rank range; ``num_cores``, ``tt_optimizer`` (``None`` = dense core
             gradients, or ``"sgd"``/``"adagrad"``/``"rowwise_adagrad"`` fused), ``tt_learning_rate``: TT fields.
+        tt_cache: hot-row cache fields of every TT table (e.g. ``{"cache_fraction": 0.01}``), so the
+            plan budgets the cached rows, their state and tracker too.
         keep_dense: table names never compressed; ``min_ratio``: least compression worth a TT table.
         constraints, fused_params, estimator_kwargs: as ``get_sharders_and_planner``.
         module_path: FQN of the ``TTEmbeddingBagCollection`` in the model (the plan is keyed by it).
@@ -145,6 +147,7 @@ def choose(tables: Sequence[EmbeddingBagConfig], topology: Topology, *, batch_si
     tt_fields: Dict[str, Any] = {"num_cores": num_cores, "optimizer": tt_optimizer}
     if tt_learning_rate is not None:
         tt_fields["learning_rate"] = tt_learning_rate
+    tt_fields.update(tt_cache or {})
     caps = {t.name: _rank_cap(t, min_rank, max_rank, tt_fields, min_ratio) for t in tables
             if not isinstance(t, TTEmbeddingBagConfig) and t.name not in keep_dense}
     candidates = sorted((n for n, c in caps.items() if c), key=lambda n: -_dense_bytes(

@@ -1,4 +1,5 @@
 """Planner extension: TT estimators, per-rank accounting, compression chooser, CLI, calibration."""
+import dataclasses
 import json
 import os
 import re
@@ -244,3 +245,20 @@ def test_cli_smoke():
     assert out.count("\nt_C") == 26 and len(re.findall(r"^\d\s{3,}", out, re.M)) == 8
     r = subprocess.run(cmd[:-1] + ["0.001"], capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
     assert r.returncode == 2 and "no sharding plan fits" in r.stderr
+
+
+def test_chooser_budgets_the_hot_row_cache():
+    """With ``tt_cache`` the chosen TT tables carry the cache and the plan's per-rank estimate includes
+    its bytes: a budget that fits the cache-less choice exactly no longer fits once the cache is added."""
+    from torchrec_tt.config import TTEmbeddingBagConfig
+    from torchrec_tt.planner import per_rank_bytes
+    from torchrec_tt.planner.estimators import tt_cache_bytes
+    tables, plan = choose(tt_cache={"cache_fraction": 0.05, "cache_refresh_interval": 7})
+    tt = [t for t in tables if isinstance(t, TTEmbeddingBagConfig)]
+    assert tt and all(t.cache_fraction == 0.05 and t.cache_refresh_interval == 7 for t in tt)
+    with_cache = per_rank_bytes(plan, tables, world_size=2, fused_params=fused_params(), batch_size=BATCH)
+    plain = [dataclasses.replace(t, cache_fraction=None) if isinstance(t, TTEmbeddingBagConfig) else t
+             for t in tables]
+    without = per_rank_bytes(plan, plain, world_size=2, fused_params=fused_params(), batch_size=BATCH)
+    assert sum(b.total for b in with_cache) - sum(b.total for b in without) == sum(tt_cache_bytes(t) for t in tt) > 0
+    assert all(b.total <= BUDGET for b in with_cache)

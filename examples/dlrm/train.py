@@ -286,14 +286,15 @@ def build_tables(args, cardinalities: List[int], world: int, device: torch.devic
     # the budget is per device: HBM on GPUs, DDR on CPU
     topology = make_topology(world, int(args.hbm_gb * 2**30), compute_device=device.type)
     dense = make_tables(cardinalities, args.embedding_dim, 0, args.tt_rank, tt_opt, args.tt_lr)
+    cache = dict(cache_fraction=args.tt_cache_fraction, cache_refresh_interval=args.tt_cache_refresh) \
+        if args.tt_cache_fraction else {}
     tables, _ = choose_compression(dense, topology, batch_size=args.batch_size, min_rank=1, max_rank=64,
                                    tt_optimizer=tt_opt, tt_learning_rate=args.tt_lr if tt_opt else None,
-                                   fused_params=dense_fused_params(args))
+                                   tt_cache=cache, fused_params=dense_fused_params(args))
     if rank == 0:
         chosen = [f"{t.name} (rank {t.tt_ranks})" for t in tables if isinstance(t, TTEmbeddingBagConfig)]
         print(f"compression chooser, {args.hbm_gb} GB per rank: TT tables {chosen or 'none (all dense fit)'}")
-    cache = dict(cache_fraction=args.tt_cache_fraction or None, cache_refresh_interval=args.tt_cache_refresh)
-    return [dataclasses.replace(t, weights_init=args.tt_init, **cache)
+    return [dataclasses.replace(t, weights_init=args.tt_init)
             if isinstance(t, TTEmbeddingBagConfig) else t for t in tables]
 
 

@@ -30,7 +30,7 @@ test: build
 # examples/demo_tt_table.py.
 demo: build
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m torch.distributed.run --nproc_per_node 2 examples/dlrm/train.py --scale-tables 0.1 --steps 1000 \
-		--threads 1 --out out/dlrm_demo
+		--tt-cache-fraction 0.002 --tt-cache-refresh 250 --threads 1 --out out/dlrm_demo
 
 bench: build
 	mkdir -p out

@@ -1,10 +1,12 @@
 // CPU implementation of the torchrec_tt ops (schemas in ../schema.cpp).
 //
-// Each call dedupes the ids and arranges them as a prefix tree (tt_plan.h), so every distinct
-// prefix product G_1[i_1]...G_k[i_k] is computed once, then walks the tree level by level with
-// at::parallel_for over nodes. Backward walks it in reverse; the gradient of each core slice is
-// summed by exactly one thread (nodes are grouped by digit), so no atomics and the result does
-// not depend on the thread count.
+// Each batch's ids are deduped and arranged as a prefix tree (tt_plan.h), so every distinct
+// prefix product G_1[i_1]...G_k[i_k] is computed once; the tree is walked level by level in
+// parallel over nodes. A training forward leaves its plan and partial products for the backward
+// of the same batch (tt_plan_cache.h). Backward walks the tree in reverse; the gradient of each
+// core slice is summed by exactly one thread (nodes are grouped by digit), so no atomics and the
+// result does not depend on the thread count. With a hot-row cache, cached ids are left out of the
+// tree: their rows are read from, and their gradients applied to, the cache's uncompressed rows.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>

@@ -1,5 +1,7 @@
 #include "tt_checks.h"
 
+#include <bit>
+
 namespace torchrec_tt {
 
 int64_t num_bags(const at::Tensor& offsets, bool include_last_offset) {
@@ -134,15 +136,11 @@ void check_optimizer_state(const std::string& table, FusedOptimizer opt, at::Ten
 }
 
 int64_t cache_slot_bits(int64_t rows) {
-  int64_t bits = 0;
-  while (bits < 63 && (rows >> bits) > 0) ++bits;
-  return std::max<int64_t>(bits, 1);
+  return std::max<int64_t>(std::bit_width(static_cast<uint64_t>(rows)), 1);
 }
 
 int64_t cache_map_log_buckets(const at::Tensor& map) {
-  int64_t b = 0;
-  while ((int64_t(1) << b) < map.size(0)) ++b;
-  return b;
+  return std::bit_width(static_cast<uint64_t>(map.size(0) - 1));  // size is a power of two >= 2 (checked)
 }
 
 void check_cache_args(const std::string& table, FusedOptimizer opt, at::TensorList cores, int64_t num_embeddings,
@@ -175,8 +173,7 @@ void check_cache_args(const std::string& table, FusedOptimizer opt, at::TensorLi
   TT_CHECK(cache_trained.scalar_type() == at::kBool && cache_trained.dim() == 1 && cache_trained.size(0) == rows,
            VALUE, table, "cache trained flags must be bool [", rows, "], got ", cache_trained.scalar_type(), " ",
            cache_trained.sizes());
-  int64_t id_bits = 0;
-  while (id_bits < 63 && ((num_embeddings - 1) >> id_bits) > 0) ++id_bits;
+  const int64_t id_bits = std::bit_width(static_cast<uint64_t>(num_embeddings - 1));
   TT_CHECK(id_bits + cache_slot_bits(rows) <= 62, VALUE, table, "a cache of ", rows, " rows cannot index a table of ",
            num_embeddings, " rows (ids and slots must fit together in 62 bits)");
 }

@@ -69,16 +69,16 @@ struct Partials {
   }
 };
 
-// Partial products of levels 0..last. With `saved`, levels the forward kept are reused (backward)
-// or, with keep, the computed levels are kept there for the backward (forward).
+// Partial products of levels 0..last: the levels its forward kept in `reuse` are taken as they are
+// (backward); with `keep`, the computed levels are kept there for the backward (forward).
 template <typename T>
 Partials<T> compute_partials(const TTShape& s, const TTPlan& plan, at::TensorList cores, int64_t last,
-                             SavedBatch* saved = nullptr, bool keep = false) {
+                             const SavedBatch* reuse, SavedBatch* keep) {
   Partials<T> P;
   P.core0 = cores[0].data_ptr<T>();
   P.level.resize(last + 1);
   P.stride.resize(last + 1);
-  if (keep) saved->partials.resize(last + 1);
+  if (keep) keep->partials.resize(last + 1);
   int64_t m = s.q[0];
   P.stride[0] = m * s.r[1];
   for (int64_t k = 1; k <= last; ++k) {
@@ -86,14 +86,14 @@ Partials<T> compute_partials(const TTShape& s, const TTPlan& plan, at::TensorLis
     m *= s.q[k];
     P.stride[k] = m * s.r[k + 1];
     const int64_t numel = plan.level_size(k) * P.stride[k];
-    if (saved && !keep && k < static_cast<int64_t>(saved->partials.size()) && saved->partials[k].defined() &&
-        saved->partials[k].numel() == numel && saved->partials[k].scalar_type() == cores[0].scalar_type()) {
-      P.level[k] = saved->partials[k].data_ptr<T>();
+    if (reuse && k < static_cast<int64_t>(reuse->partials.size()) && reuse->partials[k].defined() &&
+        reuse->partials[k].numel() == numel && reuse->partials[k].scalar_type() == cores[0].scalar_type()) {
+      P.level[k] = reuse->partials[k].data_ptr<T>();
       continue;
     }
     if (keep) {
-      saved->partials[k] = at::empty({numel}, cores[0].options().requires_grad(false));
-      P.level[k] = saved->partials[k].data_ptr<T>();
+      keep->partials[k] = at::empty({numel}, cores[0].options().requires_grad(false));
+      P.level[k] = keep->partials[k].data_ptr<T>();
     } else {
       P.level[k] = scratch<T>(kFirstLevel + k, numel);
     }
@@ -130,7 +130,7 @@ at::Tensor forward_impl(const TTShape& s, const TTPlan& plan, at::TensorList cor
                         const std::optional<at::Tensor>& psw_opt, bool mean, SavedBatch* keep,
                         const T* cache_w = nullptr) {
   auto out = at::zeros({plan.num_bags, s.embedding_dim}, cores[0].options());
-  const auto P = compute_partials<T>(s, plan, cores, s.d - 1, keep, keep != nullptr);
+  const auto P = compute_partials<T>(s, plan, cores, s.d - 1, nullptr, keep);
   const at::Tensor psw_t = psw_opt.has_value() ? psw_opt->contiguous() : at::Tensor();
   const T* psw = psw_t.defined() ? psw_t.data_ptr<T>() : nullptr;
   T* o = out.data_ptr<T>();
@@ -168,9 +168,9 @@ inline void row_grad(const TTPlan& plan, const T* psw, bool mean, const T* g, in
 template <typename T, typename OnSlice, typename OnCachedRow>
 void backward_impl(const TTShape& s, const TTPlan& plan, at::TensorList cores, const at::Tensor& grad_out,
                    const std::optional<at::Tensor>& psw_opt, bool mean, T* psw_grad, OnSlice on_slice,
-                   const T* cache_w, OnCachedRow on_cached_row, SavedBatch* saved) {
+                   const T* cache_w, OnCachedRow on_cached_row, const SavedBatch* saved) {
   const int64_t D = s.embedding_dim;
-  const auto P = compute_partials<T>(s, plan, cores, psw_grad ? s.d - 1 : s.d - 2, saved);
+  const auto P = compute_partials<T>(s, plan, cores, psw_grad ? s.d - 1 : s.d - 2, saved, nullptr);
   const at::Tensor psw_t = psw_opt.has_value() ? psw_opt->contiguous() : at::Tensor();
   const T* psw = psw_t.defined() ? psw_t.data_ptr<T>() : nullptr;
   const auto g_t = grad_out.contiguous();
@@ -325,12 +325,14 @@ Args prepare(const std::string& table, at::TensorList cores, const at::Tensor& i
   TT_CHECK(cores[0].scalar_type() == at::kFloat || cores[0].scalar_type() == at::kDouble, TYPE, table,
            "CPU kernels take float32 or float64 cores, got ", cores[0].scalar_type(),
            " (half/bfloat16 cores are supported on CUDA)");
-  PlanKey key(indices, offsets, psw, cores[0], cache_map, num_embeddings, include_last_offset);
-  if (backward && (a.saved = take_plan(key))) {
+  const auto key = [&] {
+    return PlanKey(indices, offsets, psw, cores[0], cache_map, num_embeddings, include_last_offset);
+  };
+  if (backward && (a.saved = take_plan(key()))) {
     a.plan = a.saved->plan;
     return a;
   }
-  const bool store = !backward && plan_wanted_by_backward(cores[0]);
+  const bool store = !backward && plan_wanted_by_backward(cores[0]);  // no key to build for inference
   // Backward drops what forward was told to drop (an error would already have been raised there).
   const auto mode = backward ? BoundsCheckMode::kIgnore : static_cast<BoundsCheckMode>(bounds_check_mode);
   a.plan = std::make_shared<const TTPlan>(
@@ -338,7 +340,7 @@ Args prepare(const std::string& table, at::TensorList cores, const at::Tensor& i
   if (store) {
     a.saved = std::make_shared<SavedBatch>();
     a.saved->plan = a.plan;
-    put_plan(std::move(key), a.saved);
+    put_plan(key(), a.saved);
   }
   return a;
 }

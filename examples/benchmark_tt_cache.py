@@ -27,7 +27,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchmark_tt_embedding import add_config_args, bench_tbe, median_ms, zipf_ids  # noqa: E402,F401
+from benchmark_tt_embedding import add_config_args, bench_tbe, zipf_ids  # noqa: E402
 
 from torchrec_tt import TTEmbeddingBag  # noqa: E402
 

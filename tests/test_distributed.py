@@ -53,7 +53,6 @@ def loss_fn(kt):
 
 def build(rank, world, seed=0, plan=None):
     import torch.distributed as dist
-    from torchrec.distributed.embedding_types import EmbeddingComputeKernel  # noqa: F401
     from torchrec.distributed.model_parallel import DistributedModelParallel
     from torchrec.distributed.planner.types import ParameterConstraints
     from fbgemm_gpu.split_embedding_configs import EmbOptimType

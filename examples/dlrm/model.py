@@ -4,7 +4,6 @@ from __future__ import annotations
 from typing import Dict, List, Optional, Sequence
 
 import torch
-from torch import nn
 from torchrec.models.dlrm import DLRM
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
@@ -92,6 +91,3 @@ def human_bytes(n: float) -> str:
         n /= 1024
     return str(n)
 
-
-def count_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())

@@ -334,9 +334,10 @@ class TTRowCache(nn.Module):
             dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
             trained = flags.bool()
         # rank candidates and current rows: count desc, then already cached (no churn on ties), then id
-        cur = self.cached_ids[self.cached_ids >= 0]
-        pool = torch.cat([self.cand_ids[self.cand_ids >= 0], cur])
-        pool_counts = torch.cat([self.cand_counts[self.cand_ids >= 0], self.slot_counts[self.cached_ids >= 0]])
+        live, cand = self.cached_ids >= 0, self.cand_ids >= 0
+        cur = self.cached_ids[live]
+        pool = torch.cat([self.cand_ids[cand], cur])
+        pool_counts = torch.cat([self.cand_counts[cand], self.slot_counts[live]])
         uniq, inv = torch.unique(pool, return_inverse=True)
         counts = torch.zeros(uniq.numel(), dtype=torch.float64, device=uniq.device).index_add_(0, inv, pool_counts)
         is_cur = torch.isin(uniq, cur).to(torch.int8)
@@ -347,7 +348,6 @@ class TTRowCache(nn.Module):
         rest = order[self.rows:]
         self._set_candidates(uniq[rest], counts[rest])
 
-        live = self.cached_ids >= 0
         stay = live & torch.isin(self.cached_ids, chosen)
         evict = live & ~stay
         wb = evict & trained

@@ -47,7 +47,8 @@ def check_kjt(features: KeyedJaggedTensor, feature_names: Sequence[str], is_weig
     """Validate a KJT before any lookup or collective, so every rank fails the same way.
 
     ``bounds`` maps a feature to ``(table name, num_embeddings, fatal)``; ids are range-checked only
-    where ``fatal`` (TT tables in warn/ignore mode drop bad ids in the op instead).
+    where ``fatal`` (TT tables in warn/ignore mode drop bad ids in the op instead), and not at all for
+    features missing from it.
     """
     if not isinstance(features, KeyedJaggedTensor):
         raise TypeError(f"expected a KeyedJaggedTensor, got {type(features).__name__}")
@@ -81,7 +82,7 @@ def check_kjt(features: KeyedJaggedTensor, feature_names: Sequence[str], is_weig
         raise ValueError(f"KeyedJaggedTensor has {weights.numel()} weights for {values.numel()} values")
     if values.numel():
         for key, segment in zip(keys, torch.split(values, [int(n) for n in per_key])):
-            table, n, fatal = bounds[key]
+            table, n, fatal = bounds.get(key, ("", 0, False))
             if fatal and segment.numel():
                 lo, hi = torch.aminmax(segment)
                 if int(lo) < 0 or int(hi) >= n:
@@ -184,10 +185,14 @@ class TTEmbeddingBagCollection(nn.Module):
     def dense_configs(self) -> List[EmbeddingBagConfig]:
         return [t for t in self._configs if not isinstance(t, TTEmbeddingBagConfig)]
 
-    def bounds(self) -> Dict[str, Tuple[str, int, bool]]:
-        """feature -> (table, num_embeddings, ids must be checked here)."""
+    def bounds(self, include_tt: bool = True) -> Dict[str, Tuple[str, int, bool]]:
+        """feature -> (table, num_embeddings, ids must be checked here). Without ``include_tt`` only the
+        dense tables count: the TT op checks its own ids (with the same error), which is enough when no
+        collective has to be spared a bad batch (the unsharded collection)."""
         out: Dict[str, Tuple[str, int, bool]] = {}
         for t in self._configs:
+            if not include_tt and isinstance(t, TTEmbeddingBagConfig):
+                continue
             fatal = True
             if isinstance(t, TTEmbeddingBagConfig):
                 fatal = self.tt_tables[t.name].bounds_check_mode == ops.BoundsCheckMode.FATAL
@@ -210,7 +215,7 @@ class TTEmbeddingBagCollection(nn.Module):
             table.reset_parameters()
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
-        check_kjt(features, self._feature_names, self._is_weighted, self.bounds())
+        check_kjt(features, self._feature_names, self._is_weighted, self.bounds(include_tt=False))
         jt = features.to_dict()
         pooled: Dict[str, torch.Tensor] = {}
         if self.dense is not None:

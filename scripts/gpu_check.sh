@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# One-shot check on a GPU machine: build the CUDA kernels in place, run the CUDA tests (and the
-# CPU op tests), then the CUDA benchmark. Run from the repository root with $OUT set; everything
-# of interest lands in $OUT (build.log, tests.log, tests_cpu.log, bench_cuda.{json,md,log},
-# summary.txt). Each step is time-boxed and a failing step does not stop the next one, so one run
-# gives as much information as possible. Expected total: ~3-4 minutes (worst case ~8).
+# One-shot check on a GPU machine: build the CUDA kernels in place, run the CUDA tests, the CUDA
+# benchmark and a kernel profile. Run from the repository root with $OUT set; everything of interest
+# lands in $OUT (build.log, tests.log, bench_cuda.{json,md}, profile.log, summary.txt).
+# BASELINE=dir (a source tree of an earlier commit, e.g. from `git archive`): built in parallel and
+# benchmarked right after ours on the same machine (bench_baseline.md), for an A/B comparison.
+# Each step is time-boxed and a failing step does not stop the next one, so one run gives as much
+# information as possible. Expected total: ~4-5 minutes (worst case ~9).
 set -x
 set -o pipefail
 OUT="${OUT:-$PWD/out}"
@@ -43,10 +45,13 @@ if [ -x /usr/bin/g++ ] && [ -x /usr/bin/gcc ]; then export CC=/usr/bin/gcc CXX=/
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 ARCH=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())" 2>/dev/null || echo "9.0")
 export TORCH_CUDA_ARCH_LIST="$ARCH" MAX_JOBS=16 TORCHREC_TT_FORCE_CUDA=1
-step build 220 bash -c "$PY setup.py build_ext --inplace > '$OUT/build.log' 2>&1"
+if [ -n "${BASELINE:-}" ]; then  # its own build directory; its log is only summarised
+  (cd "$BASELINE" && timeout 300 "$PY" setup.py build_ext --inplace > /tmp/build_baseline.log 2>&1; echo "baseline build rc=$?" >> /tmp/build_baseline.log) &
+fi
+step build 240 bash -c "$PY setup.py build_ext --inplace > '$OUT/build.log' 2>&1"
 grep -nE "error|warning: .*tt_" "$OUT/build.log" | head -n 40
 tail -n 25 "$OUT/build.log"
-"$PY" - <<'EOF' 2>&1 | tee "$OUT/registration.log"
+"$PY" - <<'EOF' 2>&1
 import torch, torchrec_tt
 for op in ("tt_embedding_bag", "tt_embedding_bag_fused", "tt_embedding_bag_backward", "tt_embedding_bag_backward_fused_"):
     print(op, "CUDA kernel registered:", torch._C._dispatch_has_kernel_for_dispatch_key(f"torchrec_tt::{op}", "CUDA"))
@@ -55,12 +60,15 @@ EOF
 # ---- tests ----
 # --maxfail (not -x): a first failure still leaves room for a few more data points.
 step tests_cuda 140 bash -c "set -o pipefail; $PY -m pytest -q --maxfail=10 -rfE --durations=8 -p no:cacheprovider tests/test_cuda.py 2>&1 | tee '$OUT/tests.log'"
-if [ -f tests/test_ops.py ]; then
-  step tests_cpu 60 bash -c "set -o pipefail; $PY -m pytest -q --maxfail=10 -rfE -p no:cacheprovider tests/test_ops.py 2>&1 | tee '$OUT/tests_cpu.log'"
-fi
 
-# ---- benchmark ----
-step bench 130 bash -c "set -o pipefail; $PY examples/benchmark_tt_embedding_cuda.py --iters 30 --warmup 5 --json '$OUT/bench_cuda.json' --markdown '$OUT/bench_cuda.md' 2>&1 | tee '$OUT/bench_cuda.log'"
+# ---- benchmark (ours, then the baseline on the same machine) and profile ----
+[ -n "${BASELINE:-}" ] && { wait; tail -n 3 /tmp/build_baseline.log; }  # no build running while we time
+step bench 150 bash -c "set -o pipefail; $PY examples/benchmark_tt_embedding_cuda.py --iters 30 --warmup 5 --json '$OUT/bench_cuda.json' --markdown '$OUT/bench_cuda.md'"
+if [ -n "${BASELINE:-}" ]; then
+  step bench_baseline 150 bash -c "PYTHONPATH='$BASELINE' $PY examples/benchmark_tt_embedding_cuda.py --iters 30 --warmup 5 --markdown '$OUT/bench_baseline.md' > /dev/null"
+fi
+step profile 90 bash -c "$PY examples/profile_tt_embedding_cuda.py > '$OUT/profile.log' 2>&1"
+sed -n "/one step/,/^===/p" "$OUT/profile.log" | head -n 120
 
 printf '%s\n' "${status[@]}" | tee "$OUT/summary.txt"
 exit 0

@@ -328,9 +328,13 @@ Args prepare(const std::string& table, at::TensorList cores, const at::Tensor& i
   const auto key = [&] {
     return PlanKey(indices, offsets, psw, cores[0], cache_map, num_embeddings, include_last_offset);
   };
-  if (backward && (a.saved = take_plan(key()))) {
-    a.plan = a.saved->plan;
-    return a;
+  if (backward) {
+    auto saved = take_plan(key());
+    if (saved && saved->plan) {  // (an entry of the CUDA op has no host plan; keys on CPU tensors never match one)
+      a.saved = std::move(saved);
+      a.plan = a.saved->plan;
+      return a;
+    }
   }
   const bool store = !backward && plan_wanted_by_backward(cores[0]);  // no key to build for inference
   // Backward drops what forward was told to drop (an error would already have been raised there).

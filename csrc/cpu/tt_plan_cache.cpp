@@ -13,16 +13,17 @@ namespace {
 // Enough for every TT table of a large model between its forward and backward; plans of forward
 // calls that get no backward (evaluation) are dropped oldest first beyond these bounds.
 constexpr size_t kMaxEntries = 64;
-constexpr size_t kMaxBytes = size_t(64) << 20;
+constexpr size_t kMaxBytes = size_t(64) << 20;         // host memory of CPU plans
+constexpr size_t kMaxDeviceBytes = size_t(512) << 20;  // device memory of CUDA plan workspaces
 
 struct Entry {
   PlanKey key;
   std::shared_ptr<SavedBatch> saved;
-  size_t bytes;
+  size_t bytes, device_bytes;
 };
 std::mutex mutex;
 std::list<Entry> entries;  // most recent first
-size_t total_bytes = 0;
+size_t total_bytes = 0, total_device_bytes = 0;
 
 size_t plan_bytes(const TTPlan& p) {
   size_t n = p.bag_start.size() + p.bag_of.size() + p.slot.size() + p.bag_valid.size() + p.occ_start.size() +
@@ -70,12 +71,16 @@ bool plan_wanted_by_backward(const at::Tensor& core0) {
 
 void put_plan(PlanKey key, std::shared_ptr<SavedBatch> saved) {
   // the partial products are added after forward computed them: budget them from the plan's size
-  const size_t bytes = 2 * plan_bytes(*saved->plan);
+  const size_t bytes = saved->plan ? 2 * plan_bytes(*saved->plan) : 0;
+  const size_t device_bytes = saved->device_workspace.defined() ? saved->device_workspace.nbytes() : 0;
   std::lock_guard<std::mutex> lock(mutex);
-  entries.push_front(Entry{std::move(key), std::move(saved), bytes});
+  entries.push_front(Entry{std::move(key), std::move(saved), bytes, device_bytes});
   total_bytes += bytes;
-  while (entries.size() > 1 && (entries.size() > kMaxEntries || total_bytes > kMaxBytes)) {
+  total_device_bytes += device_bytes;
+  while (entries.size() > 1 && (entries.size() > kMaxEntries || total_bytes > kMaxBytes ||
+                                total_device_bytes > kMaxDeviceBytes)) {
     total_bytes -= entries.back().bytes;
+    total_device_bytes -= entries.back().device_bytes;
     entries.pop_back();
   }
 }
@@ -86,6 +91,7 @@ std::shared_ptr<SavedBatch> take_plan(const PlanKey& key) {
     if (it->key == key) {
       auto saved = std::move(it->saved);
       total_bytes -= it->bytes;
+      total_device_bytes -= it->device_bytes;
       entries.erase(it);
       return saved;
     }

@@ -31,9 +31,11 @@ struct PlanKey {
 
 // What a forward call leaves for its backward: the plan and the partial products it computed
 // (levels k >= 1, index k; backward would otherwise recompute them from the same cores).
+// The CUDA op keeps its whole plan workspace instead (device memory, see cuda/tt_kernels.cuh).
 struct SavedBatch {
   std::shared_ptr<const TTPlan> plan;
   std::vector<at::Tensor> partials;
+  at::Tensor device_workspace;
 };
 
 // Whether forward should store its plan: only when a backward can follow.

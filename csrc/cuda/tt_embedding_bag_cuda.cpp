@@ -22,6 +22,7 @@
 #include <tuple>
 #include <vector>
 
+#include "../cpu/tt_plan_cache.h"
 #include "../tt_checks.h"
 #include "tt_kernels.cuh"
 
@@ -70,6 +71,9 @@ struct Prepared {
   kern::TTDims dims;
   kern::BatchDesc batch;
   at::Tensor indices, offsets, psw;  // contiguous; offsets int64
+  // Identifies the batch for handing forward's plan to its backward: the caller's own tensors (not
+  // the contiguous / int64 copies above, which are new each call).
+  std::optional<cpu::PlanKey> key;
 };
 
 Prepared prepare(const std::string& table, at::TensorList cores, const at::Tensor& indices, const at::Tensor& offsets,
@@ -97,6 +101,7 @@ Prepared prepare(const std::string& table, at::TensorList cores, const at::Tenso
              VALUE, table, "core ", k, " is too large for the CUDA kernels (int32 sizes)");
   }
 
+  a.key.emplace(indices, offsets, psw, cores[0], nullptr, num_embeddings, include_last_offset);
   a.indices = indices.contiguous();
   a.offsets = offsets.to(at::kLong).contiguous();
   if (psw.has_value()) a.psw = psw->contiguous();
@@ -176,7 +181,7 @@ at::Tensor forward(const std::string& table, const Prepared& a, at::TensorList c
   const int64_t B = a.batch.num_bags, D = a.shape.embedding_dim;
   const bool compute = a.batch.n > 0 && B > 0;
   at::Tensor out = compute ? at::empty({B, D}, cores[0].options()) : at::zeros({B, D}, cores[0].options());
-  at::Tensor record;
+  at::Tensor record, plan;
   if (validate) record = at::empty({4}, cores[0].options().dtype(at::kLong));
   dispatch(table, cores[0].scalar_type(), a.indices.scalar_type(), [&](auto dt, auto it) {
     using S = typename decltype(dt)::scalar;
@@ -193,14 +198,19 @@ at::Tensor forward(const std::string& table, const Prepared& a, at::TensorList c
     kern::CorePtrs<const T> cp;
     for (int64_t k = 0; k < a.shape.d; ++k) cp.ptr[k] = reinterpret_cast<const T*>(cores[k].data_ptr<S>());
     const size_t bytes = kern::forward_workspace_bytes(a.dims, a.batch);
-    at::Tensor ws = workspace(bytes, cores[0]);
+    plan = workspace(bytes, cores[0]);
     C10_CUDA_CHECK((kern::launch_forward<T, Id>(a.dims, a.batch, ids, psw, cp, reinterpret_cast<T*>(out.data_ptr<S>()),
-                                                ws.data_ptr(), bytes, stream)));
+                                                plan.data_ptr(), bytes, stream)));
   });
   if (validate) {
     // The only host synchronisation of these ops (error / warn mode): a 32-byte copy.
     const at::Tensor rec_cpu = record.to(at::kCPU);
     raise_from_record(table, a, rec_cpu, mode);
+  }
+  if (plan.defined() && cpu::plan_wanted_by_backward(cores[0])) {  // a valid batch whose backward can follow
+    auto saved = std::make_shared<cpu::SavedBatch>();
+    saved->device_workspace = plan;
+    cpu::put_plan(*a.key, std::move(saved));
   }
   return out;
 }
@@ -228,10 +238,18 @@ void backward(const std::string& table, const Prepared& a, const at::Tensor& gra
       if (!core_grads.empty()) gp.ptr[k] = reinterpret_cast<T*>(core_grads[k].data_ptr<S>());
     }
     T* pg = psw_grad != nullptr ? reinterpret_cast<T*>(psw_grad->data_ptr<S>()) : nullptr;
+    // The plan its forward built (a training step sorts and dedupes its ids once), else a new one.
+    const size_t plan_bytes = kern::forward_workspace_bytes(a.dims, a.batch);
+    const auto saved = cpu::take_plan(*a.key);
+    const bool plan_ready = saved && saved->device_workspace.defined() &&
+                            saved->device_workspace.device() == cores[0].device() &&
+                            static_cast<size_t>(saved->device_workspace.numel()) >= plan_bytes;
+    at::Tensor plan = plan_ready ? saved->device_workspace : workspace(plan_bytes, cores[0]);
     const size_t bytes = kern::backward_workspace_bytes(a.dims, a.batch);
     at::Tensor ws = workspace(bytes, cores[0]);
     C10_CUDA_CHECK((kern::launch_backward<T, Id>(a.dims, a.batch, ids, psw, reinterpret_cast<const T*>(grad.data_ptr<S>()),
-                                                 cp, gp, update, pg, rec, ws.data_ptr(), bytes, stream)));
+                                                 cp, gp, update, pg, rec, plan.data_ptr(), plan_bytes, plan_ready,
+                                                 ws.data_ptr(), bytes, stream)));
   });
 }
 

@@ -17,13 +17,15 @@
 //   3. Forward: each distinct prefix product P_k (q_0..q_k x r_{k+1}, fp32) is computed once
 //      (shared-prefix reuse), the last level holds each unique row once; bags pool by gathering
 //      their rows in position order (deterministic, no atomics).
-//   4. Backward: each unique row's gradient is a segmented sum over its sorted occurrences; the
-//      levels are walked in reverse: dP_{k-1}[parent] = sum_children dP_k[child] @ G_k[digit]^T
-//      (children are contiguous), then the nodes of level k are radix-sorted by digit and one block
-//      per core slice sums dG_k[v] = sum_{nodes with digit v} P_{k-1}[parent]^T @ dP_k[node] in a
-//      fixed order. No floating-point atomics anywhere: results are bitwise reproducible.
-//      Fused mode applies the optimizer to each touched slice in that same block, after the last
-//      read of core k (the dP_{k-1} kernel runs before it on the stream).
+//   4. Backward (on forward's plan when the glue hands it over, else a new one): each unique row's
+//      gradient is a segmented sum over its sorted occurrences; the levels are walked in reverse.
+//      Per level k the nodes are radix-sorted by digit; one block per core slice v then (a) computes
+//      for each node j with digit v its share dP_k[j] @ G_k[v]^T of its parent's gradient, the slice
+//      staged once in shared memory, after which dP_{k-1}[parent] sums its children's shares in node
+//      order; and (b) sums dG_k[v] = sum_j P_{k-1}[parent_j]^T @ dP_k[j] in node order, each thread
+//      holding a few slice elements in registers. No floating-point atomics anywhere: results are
+//      bitwise reproducible. Fused mode applies the optimizer to each touched slice in (b), which
+//      runs after (a), the last read of core k.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -96,9 +98,11 @@ struct CorePtrs {
   T* ptr[kMaxCores] = {};
 };
 
-// Bytes of workspace the forward / backward launchers need (host-only computation, no launch; CUB's
-// temp-storage sizes are queried here). Returns 0 when there is nothing to compute (n == 0).
-// Memory is O(n * sum_k min(1, p_0..p_k / n) * q_0..q_k * r_{k+1}) fp32 plus a few int arrays of n.
+// Bytes of workspace the launchers need (host-only computation, no launch; CUB's temp-storage sizes
+// are queried here); 0 when there is nothing to compute (n == 0). The forward workspace holds the
+// batch's plan (sorted ids, prefix tree, partial products, bag sizes); backward takes a plan
+// workspace of the same size plus its own of backward_workspace_bytes.
+// Plan memory is O(n * sum_k min(1, p_0..p_k / n) * q_0..q_k * r_{k+1}) fp32 plus a few int arrays of n.
 size_t forward_workspace_bytes(const TTDims& dims, const BatchDesc& batch);
 size_t backward_workspace_bytes(const TTDims& dims, const BatchDesc& batch);
 
@@ -110,10 +114,12 @@ template <typename T, typename Id>
 cudaError_t launch_validate(const TTDims& dims, const BatchDesc& batch, const Id* ids, const T* psw,
                             bool record_id_errors, ErrorRecord* record, cudaStream_t stream);
 
-// Forward: out [num_bags, D] (every bag written). workspace: forward_workspace_bytes bytes.
+// Forward: out [num_bags, D] (every bag written). plan_workspace: forward_workspace_bytes bytes; on
+// return it holds the batch's plan, which the backward of the same batch (same ids, offsets, weights
+// and cores) may take instead of rebuilding it.
 template <typename T, typename Id>
 cudaError_t launch_forward(const TTDims& dims, const BatchDesc& batch, const Id* ids, const T* psw,
-                           CorePtrs<const T> cores, T* out, void* workspace, size_t workspace_bytes,
+                           CorePtrs<const T> cores, T* out, void* plan_workspace, size_t plan_bytes,
                            cudaStream_t stream);
 
 // Backward. grad_out [num_bags, D]. With update.opt == kNone the slice gradients are written into
@@ -121,10 +127,13 @@ cudaError_t launch_forward(const TTDims& dims, const BatchDesc& batch, const Id*
 // applied to `cores` in place. psw_grad (nullable) receives d out / d per_sample_weights.
 // guard (nullable): a validation record of the same batch; if it holds an offsets/weights error,
 // nothing is written to cores, state or core_grads (device-side check, no synchronisation).
+// plan_ready: plan_workspace holds this batch's plan from launch_forward (only read); otherwise the
+// plan is built into it. workspace: backward_workspace_bytes bytes.
 template <typename T, typename Id>
 cudaError_t launch_backward(const TTDims& dims, const BatchDesc& batch, const Id* ids, const T* psw,
                             const T* grad_out, CorePtrs<T> cores, CorePtrs<T> core_grads,
-                            const UpdateArgs& update, T* psw_grad, const ErrorRecord* guard, void* workspace,
-                            size_t workspace_bytes, cudaStream_t stream);
+                            const UpdateArgs& update, T* psw_grad, const ErrorRecord* guard, void* plan_workspace,
+                            size_t plan_bytes, bool plan_ready, void* workspace, size_t workspace_bytes,
+                            cudaStream_t stream);
 
 }  // namespace torchrec_tt::cuda

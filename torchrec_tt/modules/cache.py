@@ -43,6 +43,7 @@ from ..reference import row_digits
 __all__ = ["TTRowCache", "resolve_cache_rows"]
 
 _GOLDEN = -7046029254386353131  # 0x9E3779B97F4A7C15 as int64: Fibonacci hashing multiplier
+_COUNT_UNIT = 2.0 ** 32  # fixed-point unit of summed counts (see TTRowCache._sum_by_id)
 
 
 def resolve_cache_rows(name: str, num_embeddings: int, embedding_dim: int, element_size: int,
@@ -301,10 +302,20 @@ class TTRowCache(nn.Module):
         self._set_candidates(ids, w)
         self.fill, self.merged_at = 0, now
 
+    @staticmethod
+    def _sum_by_id(inv: torch.Tensor, w: torch.Tensor, n: int) -> torch.Tensor:
+        """Per-id sums of count weights, added in fixed point (units of 2^-32, counts below 2^31):
+        integer adds are exact, so the sums do not depend on the order a device adds them in (CUDA's
+        float index_add_ is atomic, in no fixed order). Equal counts then tie the same way on every
+        device, run and replica, and so do the cache's admission decisions."""
+        units = torch.round(w * _COUNT_UNIT).to(torch.int64)
+        sums = torch.zeros(n, dtype=torch.int64, device=w.device).index_add_(0, inv, units)
+        return sums.to(torch.float64) / _COUNT_UNIT
+
     def _set_candidates(self, ids: torch.Tensor, w: torch.Tensor) -> None:
         keep = (ids >= 0) & (ids < self.num_embeddings)
         uniq, inv = torch.unique(ids[keep], return_inverse=True)  # sorted: ties below break by id
-        counts = torch.zeros(uniq.numel(), device=w.device, dtype=w.dtype).index_add_(0, inv, w[keep])
+        counts = self._sum_by_id(inv, w[keep], uniq.numel())
         order = torch.sort(counts, descending=True, stable=True).indices[:self.candidates]
         k = order.numel()
         self.cand_ids.fill_(-1)
@@ -339,7 +350,7 @@ class TTRowCache(nn.Module):
         pool = torch.cat([self.cand_ids[cand], cur])
         pool_counts = torch.cat([self.cand_counts[cand], self.slot_counts[live]])
         uniq, inv = torch.unique(pool, return_inverse=True)
-        counts = torch.zeros(uniq.numel(), dtype=torch.float64, device=uniq.device).index_add_(0, inv, pool_counts)
+        counts = self._sum_by_id(inv, pool_counts, uniq.numel())
         is_cur = torch.isin(uniq, cur).to(torch.int8)
         order = torch.sort(is_cur, descending=True, stable=True).indices
         order = order[torch.sort(counts[order], descending=True, stable=True).indices]

@@ -65,6 +65,9 @@ step tests_cuda 140 bash -c "set -o pipefail; $PY -m pytest -q --maxfail=10 -rfE
 [ -n "${BASELINE:-}" ] && { wait; tail -n 3 /tmp/build_baseline.log; }  # no build running while we time
 step bench 150 bash -c "set -o pipefail; $PY examples/benchmark_tt_embedding_cuda.py --iters 30 --warmup 5 --json '$OUT/bench_cuda.json' --markdown '$OUT/bench_cuda.md'"
 if [ -n "${BASELINE:-}" ]; then
+  if [ -d "$BASELINE/tests" ]; then
+    step tests_baseline 90 bash -c "cd '$BASELINE' && PYTHONPATH='$BASELINE' $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tail -n 15 > '$OUT/tests_baseline.log'"
+  fi
   step bench_baseline 150 bash -c "PYTHONPATH='$BASELINE' $PY examples/benchmark_tt_embedding_cuda.py --iters 30 --warmup 5 --markdown '$OUT/bench_baseline.md' > /dev/null"
 fi
 step profile 90 bash -c "$PY examples/profile_tt_embedding_cuda.py > '$OUT/profile.log' 2>&1"

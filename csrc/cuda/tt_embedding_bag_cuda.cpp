@@ -86,7 +86,8 @@ Prepared prepare(const std::string& table, at::TensorList cores, const at::Tenso
   TT_CHECK(a.shape.d <= kern::kMaxCores, VALUE, table, "the CUDA kernels support at most ", kern::kMaxCores,
            " cores, got ", a.shape.d);
   const int64_t n = indices.numel();
-  TT_CHECK(n < INT32_MAX, VALUE, table, "the CUDA kernels take fewer than 2^31 - 1 ids per call, got ", n);
+  TT_CHECK(n < INT32_MAX / a.shape.d, VALUE, table, "the CUDA kernels take fewer than (2^31 - 1) / ", a.shape.d,
+           " ids per call with ", a.shape.d, " cores (int32 node numbers over all levels), got ", n);
   const int64_t bags = num_bags(offsets, include_last_offset);
   TT_CHECK(bags < INT32_MAX, VALUE, table, "the CUDA kernels take fewer than 2^31 - 1 bags per call, got ", bags);
   if (offsets.numel() == 0) {
@@ -97,8 +98,8 @@ Prepared prepare(const std::string& table, at::TensorList cores, const at::Tenso
     m *= a.shape.q[k];
     const int64_t slice = a.shape.slice_numel(k);
     TT_CHECK(m * a.shape.r[k + 1] < INT32_MAX && slice < INT32_MAX && m * a.shape.r[k] < INT32_MAX &&
-                 a.shape.p[k] < INT32_MAX,
-             VALUE, table, "core ", k, " is too large for the CUDA kernels (int32 sizes)");
+                 a.shape.p[k] < (int64_t(1) << 27),
+             VALUE, table, "core ", k, " is too large for the CUDA kernels (int32 sizes, p_k < 2^27)");
   }
 
   a.key.emplace(indices, offsets, psw, cores[0], nullptr, num_embeddings, include_last_offset);
@@ -183,6 +184,7 @@ at::Tensor forward(const std::string& table, const Prepared& a, at::TensorList c
   at::Tensor out = compute ? at::empty({B, D}, cores[0].options()) : at::zeros({B, D}, cores[0].options());
   at::Tensor record, plan;
   if (validate) record = at::empty({4}, cores[0].options().dtype(at::kLong));
+  const bool for_backward = cpu::plan_wanted_by_backward(cores[0]);
   dispatch(table, cores[0].scalar_type(), a.indices.scalar_type(), [&](auto dt, auto it) {
     using S = typename decltype(dt)::scalar;
     using T = typename decltype(dt)::cuda;
@@ -200,14 +202,14 @@ at::Tensor forward(const std::string& table, const Prepared& a, at::TensorList c
     const size_t bytes = kern::forward_workspace_bytes(a.dims, a.batch);
     plan = workspace(bytes, cores[0]);
     C10_CUDA_CHECK((kern::launch_forward<T, Id>(a.dims, a.batch, ids, psw, cp, reinterpret_cast<T*>(out.data_ptr<S>()),
-                                                plan.data_ptr(), bytes, stream)));
+                                                for_backward, plan.data_ptr(), bytes, stream)));
   });
   if (validate) {
     // The only host synchronisation of these ops (error / warn mode): a 32-byte copy.
     const at::Tensor rec_cpu = record.to(at::kCPU);
     raise_from_record(table, a, rec_cpu, mode);
   }
-  if (plan.defined() && cpu::plan_wanted_by_backward(cores[0])) {  // a valid batch whose backward can follow
+  if (plan.defined() && for_backward) {  // a valid batch whose backward can follow
     auto saved = std::make_shared<cpu::SavedBatch>();
     saved->device_workspace = plan;
     cpu::put_plan(*a.key, std::move(saved));

@@ -1,0 +1,240 @@
+// Kernels of the plan (validation, sort keys, prefix tree, digit groups) and of the forward pass.
+// Part of the CUDA kernels' one translation unit (included by tt_kernels.cu): internal, not an API.
+#pragma once
+
+#include "tt_device_common.cuh"
+
+namespace torchrec_tt::cuda {
+namespace {
+
+// ---- validation -----------------------------------------------------------------------------------
+
+__device__ __forceinline__ unsigned long long err_key(unsigned long long kind, int64_t pos) {
+  return (kind << kErrorKindShift) | (static_cast<unsigned long long>(pos) & kErrorPosMask);
+}
+
+__global__ void init_record_kernel(ErrorRecord* rec) {
+  rec->key = kNoErrorKey;
+  rec->value0 = 0;
+  rec->value1 = 0;
+  rec->dropped = 0;
+}
+
+template <typename T, typename Id>
+__global__ void validate_kernel(const Id* __restrict__ ids, int64_t n, const int64_t* __restrict__ off,
+                                int64_t count, bool include_last, const T* __restrict__ psw,
+                                unsigned long long N, bool record_ids, ErrorRecord* rec) {
+  unsigned long long best = kNoErrorKey, dropped = 0;
+  const int64_t total = n > count ? n : count;
+  for (int64_t i = grid_start(); i < total; i += grid_stride()) {
+    if (i < count) {
+      const int64_t o = off[i];
+      if (i == 0 && o != 0) best = min(best, err_key(kErrOffsetsStart, 0));
+      if (i > 0 && o < off[i - 1]) best = min(best, err_key(kErrOffsetsDecreasing, i));
+      if (i == count - 1 && (include_last ? o != n : o > n)) best = min(best, err_key(kErrLastOffset, i));
+    }
+    if (i < n) {
+      if (psw != nullptr && !is_finite_f(to_f(psw[i]))) best = min(best, err_key(kErrWeightNotFinite, 0));
+      const long long id = static_cast<long long>(ids[i]);
+      if (id < 0 || static_cast<unsigned long long>(id) >= N) {
+        ++dropped;
+        if (record_ids) best = min(best, err_key(kErrIdOutOfRange, i));
+      }
+    }
+  }
+  if (best != kNoErrorKey) atomicMin(&rec->key, best);
+  if (dropped != 0) atomicAdd(&rec->dropped, dropped);
+}
+
+// Fills the values of the winning error (one thread, after validate_kernel).
+template <typename Id>
+__global__ void finalize_record_kernel(const Id* __restrict__ ids, const int64_t* __restrict__ off,
+                                       ErrorRecord* rec) {
+  const unsigned long long key = rec->key;
+  if (key == kNoErrorKey) return;
+  const unsigned long long kind = key >> kErrorKindShift;
+  const int64_t pos = static_cast<int64_t>(key & kErrorPosMask);
+  long long v0 = 0, v1 = 0;
+  if (kind == kErrOffsetsStart) v0 = off[0];
+  if (kind == kErrOffsetsDecreasing) {
+    v0 = off[pos];
+    v1 = off[pos - 1];
+  }
+  if (kind == kErrLastOffset) v0 = off[pos];
+  if (kind == kErrIdOutOfRange) v0 = static_cast<long long>(ids[pos]);
+  rec->value0 = static_cast<unsigned long long>(v0);
+  rec->value1 = static_cast<unsigned long long>(v1);
+}
+
+// ---- plan kernels -----------------------------------------------------------------------------------
+
+template <typename Id>
+__global__ void make_keys_kernel(const Id* __restrict__ ids, int n, unsigned long long N,
+                                 unsigned long long* __restrict__ keys, int* __restrict__ pos) {
+  for (int64_t i = grid_start(); i < n; i += grid_stride()) {
+    const long long id = static_cast<long long>(ids[i]);
+    keys[i] = (id >= 0 && static_cast<unsigned long long>(id) < N) ? static_cast<unsigned long long>(id) : N;
+    pos[i] = static_cast<int>(i);
+  }
+}
+
+// flags[k * n + i] = 1 where sorted id i starts a new prefix of length k+1.
+__global__ void mark_kernel(Geo g, const unsigned long long* __restrict__ keys, int n, int* __restrict__ flags) {
+  for (int64_t i = grid_start(); i < n; i += grid_stride()) {
+    const unsigned long long key = keys[i];
+    const bool valid = key < g.N;
+    const unsigned long long prev = i > 0 ? keys[i - 1] : 0ull;
+    for (int k = 0; k < g.d; ++k) {
+      int f = 0;
+      if (valid) f = (i == 0 || key / g.div[k] != prev / g.div[k]) ? 1 : 0;
+      flags[int64_t(k) * n + i] = f;
+    }
+  }
+}
+
+struct PlanOut {
+  int* first[kMaxCores];
+  int* slot;
+};
+
+__global__ void scatter_kernel(Geo g, Plan pl, PlanOut po, const int* __restrict__ flags) {
+  const int n = pl.n;
+  for (int64_t i = grid_start(); i < n; i += grid_stride()) {
+    const unsigned long long key = pl.keys[i];
+    const int p = pl.pos[i];
+    if (key >= g.N) {
+      po.slot[p] = -1;
+      continue;
+    }
+    for (int k = 0; k < g.d; ++k) {
+      if (flags[int64_t(k) * n + i]) po.first[k][pl.incl[k][i] - 1] = static_cast<int>(i);
+    }
+    po.slot[p] = pl.incl[g.d - 1][i] - 1;
+    if (i + 1 == n || pl.keys[i + 1] >= g.N) {  // last valid id: close every level's CSR
+      for (int k = 0; k < g.d; ++k) po.first[k][pl.incl[k][i]] = static_cast<int>(i + 1);
+    }
+  }
+}
+
+struct NodeOut {
+  int* digit[kMaxCores];
+  int* parent[kMaxCores];
+};
+
+__global__ void node_info_kernel(Geo g, Plan pl, NodeOut no, int64_t max_bound) {
+  for (int k = 0; k < g.d; ++k) {
+    const int cnt = level_count(pl, k);
+    for (int64_t j = grid_start(); j < cnt && j < max_bound; j += grid_stride()) {
+      const unsigned long long key = pl.keys[pl.first[k][j]];
+      no.digit[k][j] = static_cast<int>((key / g.div[k]) % g.p[k]);
+      if (k > 0) no.parent[k][j] = pl.incl[k - 1][pl.first[k][j]] - 1;
+    }
+  }
+}
+
+// ---- forward ---------------------------------------------------------------------------------------
+
+// P_k[j] = P_{k-1}[parent] (m_prev x rk) @ G_k[digit] (rk x nk), one block per node; level 0 copies
+// the core slice. Outputs are fp32, m_prev x nk = (q_0..q_k) x r_{k+1}.
+template <typename T>
+__global__ void chain_kernel(Plan pl, int k, const T* __restrict__ core, const float* __restrict__ p_in,
+                             float* __restrict__ p_out, int m_prev, int rk, int nk) {
+  const int cnt = level_count(pl, k);
+  const int64_t slice = int64_t(rk) * nk;
+  const int64_t s_in = int64_t(m_prev) * rk, s_out = int64_t(m_prev) * nk;
+  for (int64_t j = blockIdx.x; j < cnt; j += gridDim.x) {
+    const T* G = core + pl.digit[k][j] * slice;
+    float* out = p_out + j * s_out;
+    if (k == 0) {
+      for (int64_t idx = threadIdx.x; idx < s_out; idx += blockDim.x) out[idx] = to_f(G[idx]);
+      continue;
+    }
+    const float* P = p_in + int64_t(pl.parent[k][j]) * s_in;
+    for (int64_t idx = threadIdx.x; idx < s_out; idx += blockDim.x) {
+      const int64_t a = idx / nk, c = idx - a * nk;
+      const float* pa = P + a * rk;
+      float acc = 0.f;
+#pragma unroll 8
+      for (int t = 0; t < rk; ++t) acc += pa[t] * to_f(G[int64_t(t) * nk + c]);  // loads in flight together
+      out[idx] = acc;
+    }
+  }
+}
+
+// Number of kept (valid) ids per bag; one warp per bag.
+__global__ void bag_count_kernel(Bags bg, const int* __restrict__ slot, int* __restrict__ bag_count) {
+  const int lane = threadIdx.x % kWarp;
+  for (int64_t b = warp_start(); b < bg.num_bags; b += warp_stride()) {
+    int s, e;
+    bag_range(bg, b, s, e);
+    int c = 0;
+    for (int p = s + lane; p < e; p += kWarp) c += slot[p] >= 0 ? 1 : 0;
+    c = warp_sum(c);
+    if (lane == 0) bag_count[b] = c;
+  }
+}
+
+// out[b] = sum over kept ids of coef * row; one warp per bag, ids in position order (deterministic).
+template <typename T>
+__global__ void pool_kernel(Bags bg, const int* __restrict__ slot, const int* __restrict__ bag_count,
+                            const T* __restrict__ psw, const float* __restrict__ rows, int D, bool mean,
+                            T* __restrict__ out) {
+  const int lane = threadIdx.x % kWarp;
+  for (int64_t b = warp_start(); b < bg.num_bags; b += warp_stride()) {
+    int s, e;
+    bag_range(bg, b, s, e);
+    const float cnt = static_cast<float>(bag_count[b]);
+    for (int c = lane; c < D; c += kWarp) {
+      float acc = 0.f;
+      for (int p = s; p < e; ++p) {
+        const int u = slot[p];
+        if (u < 0) continue;
+        float coef = psw != nullptr ? to_f(psw[p]) : 1.f;
+        if (mean) coef /= cnt;
+        acc += coef * rows[int64_t(u) * D + c];
+      }
+      out[b * D + c] = from_f<T>(acc);
+    }
+  }
+}
+
+// Where each level's nodes sit in the one (level, digit) sort of all levels' nodes.
+struct GroupLayout {
+  int d;
+  int digit_bits;                    // key = level << digit_bits | digit; level d marks unused slots
+  int64_t node_off[kMaxCores + 1];   // level k's nodes are sort entries [node_off[k], node_off[k+1])
+  int64_t seg_off[kMaxCores + 1];    // level k's digits are segments [seg_off[k], seg_off[k+1])
+};
+
+// Sort keys of every level's nodes (values: the node number within its level).
+__global__ void group_keys_kernel(Plan pl, GroupLayout gl, unsigned int* __restrict__ keys, int* __restrict__ vals) {
+  const int64_t total = gl.node_off[gl.d];
+  for (int64_t x = grid_start(); x < total; x += grid_stride()) {
+    int k = 0;
+    while (x >= gl.node_off[k + 1]) ++k;
+    const int64_t j = x - gl.node_off[k];
+    const bool used = j < level_count(pl, k);
+    keys[x] = used ? (static_cast<unsigned int>(k) << gl.digit_bits) | static_cast<unsigned int>(pl.digit[k][j])
+                   : static_cast<unsigned int>(gl.d) << gl.digit_bits;
+    vals[x] = static_cast<int>(j);
+  }
+}
+
+// After the sort: the nodes of level k with digit v are sorted entries [seg_start[s], seg_end[s]),
+// s = seg_off[k] + v (both zeroed beforehand: an absent digit is an empty segment).
+__global__ void group_segments_kernel(GroupLayout gl, const unsigned int* __restrict__ keys, int* __restrict__ seg_start,
+                                      int* __restrict__ seg_end) {
+  const int64_t total = gl.node_off[gl.d];
+  const unsigned int digit_mask = (1u << gl.digit_bits) - 1u;
+  for (int64_t x = grid_start(); x < total; x += grid_stride()) {
+    const unsigned int key = keys[x];
+    const int k = static_cast<int>(key >> gl.digit_bits);
+    if (k >= gl.d) continue;
+    const int64_t sg = gl.seg_off[k] + (key & digit_mask);
+    if (x == 0 || keys[x - 1] != key) seg_start[sg] = static_cast<int>(x);
+    if (x + 1 == total || keys[x + 1] != key) seg_end[sg] = static_cast<int>(x + 1);
+  }
+}
+
+}  // namespace
+}  // namespace torchrec_tt::cuda

@@ -49,4 +49,11 @@ TORCH_LIBRARY(torchrec_tt, m) {
       "Tensor(e!) cache_trained, Tensor indices, Tensor offsets, Tensor? per_sample_weights, "
       "int num_embeddings, int pooling_mode, bool include_last_offset, str optimizer, float learning_rate, "
       "float eps, str table_name) -> ()");
+  // The cache's per-lookup bookkeeping (CPU): hits/misses into hit_stats, `weight` added to the
+  // counter of each hit's slot (where: slot, -1 rebuilt, -2 dropped), and, in training, missed ids
+  // appended to pending_ids/pending_steps at `fill`. Returns how many ids were appended.
+  m.def(
+      "tt_cache_count_(Tensor where, Tensor indices, Tensor(a!) slot_counts, Tensor(b!) hit_stats, "
+      "Tensor(c!) pending_ids, Tensor(d!) pending_steps, int fill, float weight, int step, bool training, "
+      "str table_name) -> Tensor");
 }

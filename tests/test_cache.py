@@ -419,3 +419,43 @@ def test_opcheck_cached_op():
                           (grad, [x.detach().clone() for x in t.cores], [s.clone() for s in t.optimizer_state()],
                            c.weight.data.clone(), c.optimizer_state.clone(), c._map, c.trained.clone(), ids, offsets,
                            psw, 512, 0, True, "rowwise_adagrad", 0.1, 1e-8, "op"))
+
+
+def test_count_op_matches_its_definition_and_rejects_bad_input():
+    """tt_cache_count_ (the kernel path's bookkeeping) against a direct computation; bad slots,
+    dtypes or a full buffer raise naming the table and write nothing; opcheck."""
+    from torchrec_tt import ops
+    g = torch.Generator().manual_seed(3)
+    where = torch.randint(-2, 6, (50,), generator=g)
+    ids = torch.randint(0, 1000, (50,), generator=g)
+    counts, stats = torch.rand(6, generator=g, dtype=torch.float64), torch.tensor([5, 7, 1])
+    p_ids, p_steps = torch.full((80,), -1), torch.zeros(80, dtype=torch.long)
+    want_counts = counts.clone()
+    for w in where[where >= 0].tolist():
+        want_counts[w] += 0.25
+    miss = where == -1
+    added = ops.tt_cache_count_(where, ids, counts, stats, p_ids, p_steps, fill=10, weight=0.25, step=3,
+                                training=True, table_name="cnt")
+    assert added == int(miss.sum())
+    assert torch.equal(counts, want_counts)
+    assert stats.tolist() == [5 + int((where >= 0).sum()), 7 + added, 1]
+    assert p_ids[10:10 + added].tolist() == ids[miss].tolist() and (p_steps[10:10 + added] == 3).all()
+    assert (p_ids[:10] == -1).all() and (p_ids[10 + added:] == -1).all()
+    assert ops.tt_cache_count_(where, ids, counts, stats, p_ids, p_steps, fill=79, weight=1.0, step=4,
+                               training=False, table_name="cnt") == 0  # eval: statistics only
+    assert torch.equal(counts, want_counts) and stats[1] == 7 + 2 * added
+    before = [x.clone() for x in (counts, stats, p_ids, p_steps)]
+    cases = [(dict(where=torch.tensor([0, 6, 1])), IndexError, r"cache slot 6 at position 1 is outside \[-2, 6\)"),
+             (dict(where=torch.tensor([0, -3, 1])), IndexError, "cache slot -3"),
+             (dict(counts=counts.float()), TypeError, "cache counting takes int64 .* and float64 slot counts"),
+             (dict(fill=78), ValueError, "pending buffer of 80 entries cannot take 3 more ids at fill 78")]
+    for change, exc, match in cases:
+        a = {**dict(where=torch.tensor([0, 1, -1]), ids=ids[:3], counts=counts, fill=0), **change}
+        with pytest.raises(exc, match=f"table 'cnt': {match}"):
+            ops.tt_cache_count_(a["where"], a["ids"], a["counts"], stats, p_ids, p_steps, fill=a["fill"], weight=1.0,
+                                step=5, training=True, table_name="cnt")
+    for x, y in zip(before, (counts, stats, p_ids, p_steps)):
+        assert torch.equal(x, y)
+    torch.library.opcheck(torch.ops.torchrec_tt.tt_cache_count_.default,
+                          (where, ids, counts.clone(), stats.clone(), p_ids.clone(), p_steps.clone(), 0, 0.5, 1, True,
+                           "cnt"))

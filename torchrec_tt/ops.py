@@ -143,6 +143,17 @@ def tt_cached_embedding_bag_fused(
         int(BoundsCheckMode.parse(bounds_check_mode)), optimizer, float(learning_rate), float(eps), table_name)
 
 
+def tt_cache_count_(where: torch.Tensor, indices: torch.Tensor, slot_counts: torch.Tensor, hit_stats: torch.Tensor,
+                    pending_ids: torch.Tensor, pending_steps: torch.Tensor, *, fill: int, weight: float, step: int,
+                    training: bool, table_name: str = "tt_table") -> int:
+    """A hot-row cache's bookkeeping of one lookup in one pass (CPU, int64 ``where``/``indices`` as
+    returned by ``tt_cached_embedding_bag_fused``): hits and misses into ``hit_stats``; in training,
+    ``weight`` added to each hit's ``slot_counts`` entry and missed ids appended to ``pending_ids`` /
+    ``pending_steps`` at ``fill``. Returns the number of ids appended."""
+    return int(_ops.tt_cache_count_(where, indices, slot_counts, hit_stats, pending_ids, pending_steps, int(fill),
+                                    float(weight), int(step), bool(training), table_name))
+
+
 # ---- fake kernels (shapes only) ----------------------------------------------------------------
 
 def _pooled_shape(cores: List[torch.Tensor], offsets: torch.Tensor, include_last_offset: bool):
@@ -182,6 +193,11 @@ def _(cores, optimizer_state, cache_weight, cache_state, cache_map, cache_traine
       learning_rate, eps, table_name):
     return (cores[0].new_empty(_pooled_shape(cores, offsets, include_last_offset)),
             indices.new_empty((indices.numel(),), dtype=torch.long))
+
+
+@torch.library.register_fake("torchrec_tt::tt_cache_count_")
+def _(where, indices, slot_counts, hit_stats, pending_ids, pending_steps, fill, weight, step, training, table_name):
+    return where.new_empty((), dtype=torch.int64)
 
 
 @torch.library.register_fake("torchrec_tt::tt_cached_embedding_bag_backward_fused_")

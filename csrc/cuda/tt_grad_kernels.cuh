@@ -113,9 +113,9 @@ struct LevelArgs {
   const float* dp;       // dP_k
 };
 
-// Row stride of a core slice staged in shared memory: odd, so the threads of a warp that read one
-// column of consecutive rows hit distinct banks.
-__host__ __device__ __forceinline__ int staged_ld(int nk) { return nk % 2 == 0 ? nk + 1 : nk; }
+// Row stride of rows staged in shared memory (core slice rows, per-node rows): the row length
+// rounded up to an odd number, so lanes that read the same column of different rows hit distinct banks.
+__host__ __device__ __forceinline__ int odd_stride(int len) { return len | 1; }
 
 constexpr int kNodeChunk = 256;  // most node numbers a block stages in shared memory at a time
 
@@ -150,10 +150,6 @@ __device__ __forceinline__ void stage_copy(float* dst, int n, Load load) {
 }
 
 constexpr int kChildTile = 4;  // child_grad_kernel: each thread computes a 4 x 4 tile of outputs
-
-// Row stride of staged per-node rows: odd, so that lanes reading the same element of different
-// nodes' rows hit distinct banks.
-__host__ __device__ __forceinline__ int node_ld(int len) { return len | 1; }
 
 // dst[q * ld + r] = load(q, r) for q < rows, r < len: stage_copy for rows stored at stride ld.
 template <typename Load>
@@ -194,7 +190,7 @@ __global__ void child_grad_kernel(Plan pl, LevelArgs a, int chunk, const T* __re
   const int step = staged ? chunk : kNodeChunk;
   const int64_t slice = int64_t(a.rk) * a.nk;
   const T* G = core + int64_t(v) * slice;
-  const int ld = staged_ld(a.nk);
+  const int ld = odd_stride(a.nk);
   float* g_s = smem;
   float* d_s = smem + a.rk * ld;
   const int s_k = a.m_prev * a.nk;
@@ -333,7 +329,7 @@ __global__ void slice_grad_kernel(Plan pl, LevelArgs a, UpdateSlice u, SliceTili
   const int s_prev = a.k > 0 ? a.m_prev * a.rk : 0;  // floats of P_{k-1}[parent] (none at level 0)
   const int s_k = a.m_prev * a.nk;
   const int row = s_prev + s_k;                        // floats staged per node
-  const int row_ld = node_ld(row);
+  const int row_ld = odd_stride(row);
   const int64_t base = int64_t(v) * a.rk * a.nk;
   // this thread's place in the tiling
   const int col_lane = threadIdx.x % st.cols;

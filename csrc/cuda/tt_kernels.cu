@@ -1,6 +1,8 @@
-// CUDA kernels of the torchrec_tt ops; see tt_kernels.cuh for the algorithm. No torch headers.
+// CUDA kernels of the torchrec_tt ops: the launchers (plan, forward, backward walk); the kernels and
+// workspace layouts are in the tt_*_kernels.cuh / tt_workspace.cuh parts of this translation unit.
+// See tt_kernels.cuh for the algorithm. No torch headers.
 //
-// Conventions: positions, node numbers and counts are int (the glue rejects n >= 2^31 - 1);
+// Conventions: positions, node numbers and counts are int (the glue rejects n >= (2^31 - 1) / d);
 // element offsets are computed in int64. Products are accumulated in fp32 for every core dtype.
 // Half/bfloat16 values are converted only through the explicit intrinsics, so this file builds
 // under torch's -D__CUDA_NO_HALF_CONVERSIONS__ / -D__CUDA_NO_BFLOAT16_CONVERSIONS__.
@@ -142,7 +144,7 @@ cudaError_t backward_level(const TTDims& t, const Sizes& sz, int k, const Plan& 
   a.dp = d_cur;
   const unsigned digits = static_cast<unsigned>(t.p[k]);
   if (k > 0) {  // dP_{k-1}: the last read of core k, before its update below
-    const int64_t slice_bytes = int64_t(sizeof(float)) * rk * staged_ld(nk);
+    const int64_t slice_bytes = int64_t(sizeof(float)) * rk * odd_stride(nk);
     const int chunk = chunk_for(slice_bytes, int64_t(sizeof(float)) * m_prev * nk);
     const size_t smem = chunk > 0 ? static_cast<size_t>(slice_bytes + int64_t(sizeof(float)) * chunk * m_prev * nk) : 0;
     child_grad_kernel<T><<<digits, kWarpBlock, smem, stream>>>(pl, a, chunk, core, gw.dchild);
@@ -169,7 +171,7 @@ cudaError_t backward_level(const TTDims& t, const Sizes& sz, int k, const Plan& 
   const int rows_needed = (rk + E - 1) / E;
   st.row_groups = groups < rows_needed ? groups : rows_needed;
   st.splits = groups / st.row_groups;
-  const int64_t row_bytes = int64_t(sizeof(float)) * node_ld(m_prev * ((k > 0 ? rk : 0) + nk));
+  const int64_t row_bytes = int64_t(sizeof(float)) * odd_stride(m_prev * ((k > 0 ? rk : 0) + nk));
   const int chunk = chunk_for(0, row_bytes);
   const int64_t part_bytes = st.splits > 1 ? int64_t(sizeof(float)) * st.splits * st.row_groups * E * st.cols : 0;
   const size_t smem = static_cast<size_t>(chunk * row_bytes > part_bytes ? chunk * row_bytes : part_bytes);

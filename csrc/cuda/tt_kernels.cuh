@@ -19,14 +19,14 @@
 //      their rows in position order (deterministic, no atomics).
 //   4. Backward (on forward's plan when the glue hands it over, else a new one): each unique row's
 //      gradient is a segmented sum over its sorted occurrences; the levels are walked in reverse.
-//      One radix sort groups every level's nodes by (level, digit) (part of a training plan); per
-//      level k one block per core slice v then (a) computes
-//      for each node j with digit v its share dP_k[j] @ G_k[v]^T of its parent's gradient, the slice
-//      staged once in shared memory, after which dP_{k-1}[parent] sums its children's shares in node
-//      order; and (b) sums dG_k[v] = sum_j P_{k-1}[parent_j]^T @ dP_k[j] in node order, each thread
-//      holding a few slice elements in registers. No floating-point atomics anywhere: results are
-//      bitwise reproducible. Fused mode applies the optimizer to each touched slice in (b), which
-//      runs after (a), the last read of core k.
+//      A training plan also groups every level's nodes by (level, digit) with one more radix sort.
+//      Per level k, one block per core slice v (a) computes for each node j with digit v its share
+//      dP_k[j] @ G_k[v]^T of its parent's gradient (slice staged once in shared memory, 4x4 tiles per
+//      thread), after which dP_{k-1}[parent] sums its children's shares in node order; then (b) sums
+//      dG_k[v] = sum_j P_{k-1}[parent_j]^T @ dP_k[j] in node order (E rows of one column per thread in
+//      registers; spare thread groups split the nodes, partial tiles added in split order). No
+//      floating-point atomics anywhere: results are bitwise reproducible. Fused mode applies the
+//      optimizer to each touched slice in (b), which runs after (a), the last read of core k.
 #pragma once
 
 #include <cuda_bf16.h>

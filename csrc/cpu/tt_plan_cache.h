@@ -6,7 +6,8 @@
 // to the tensors of their key, so their memory cannot be reused by another tensor while the entry
 // lives, and a key matches only if each tensor still has the same data pointer, shape and version
 // counter (an in-place change in between means a rebuild). Entries are consumed by backward;
-// forward calls without a backward (eval with grad enabled) age out of a small LRU list.
+// forward calls without a backward (eval with grad enabled) age out of a small LRU list. The CUDA
+// op keeps its plan workspaces (device memory, own byte bound) in the same store.
 #pragma once
 #include <ATen/ATen.h>
 

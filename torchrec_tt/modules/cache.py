@@ -21,7 +21,7 @@ Two lookup paths, equal up to float rounding (tested against each other):
 * CPU tables with a fused optimizer: the TT kernel itself takes the cache (``tt_cached_embedding_bag_fused``).
   Its per-batch plan looks each distinct id up in the id -> slot map, leaves cached ids out of the
   prefix tree, pools their uncompressed rows, and its backward applies the fused rule to them in the
-  same pass as the core slices. Python only appends the ids to the count buffer.
+  same pass as the core slices; the per-lookup counting is one C++ pass too (``tt_cache_count_``).
 * everywhere else (CUDA, ``torch.optim`` mode): tensor ops split each batch into cached and
   rebuilt ids (a hash-map gather, cumulative sums for the two sets of offsets), a dense
   ``embedding_bag`` on the cached rows and the TT op on the rest.
@@ -279,6 +279,9 @@ class TTRowCache(nn.Module):
         weight = self.decay ** (self.merged_at - self.steps)
         self.slot_counts.index_add_(0, where.clamp(min=0), hit.to(torch.float64) * weight)
         self._observe(ids[miss])
+        self._end_step()
+
+    def _end_step(self) -> None:
         self.steps += 1
         if self.steps - self.merged_at >= 10_000:  # keep the weights of hits since the merge finite
             self._merge()
@@ -463,17 +466,15 @@ class TTRowCache(nn.Module):
                                     self.pending_steps, fill=self.fill,
                                     weight=self.decay ** (self.merged_at - self.steps), step=self.steps,
                                     training=self.training, table_name=self.table_name)
-        if not self.training:
-            return
-        self.fill += added
-        self.steps += 1
-        if self.steps - self.merged_at >= 10_000:  # as in _count
-            self._merge()
+        if self.training:
+            self.fill += added
+            self._end_step()
 
     def lookup(self, table, ids: torch.Tensor, offsets: torch.Tensor, psw: Optional[torch.Tensor],
                include_last_offset: bool) -> torch.Tensor:
-        """Pooled lookup: cached ids through a dense ``embedding_bag`` on ``weight``, the rest through
-        the TT op with recomputed offsets; the sum equals the uncached module's output."""
+        """Pooled lookup: on the kernel path the TT op reads cached rows itself; otherwise cached ids go
+        through a dense ``embedding_bag`` on ``weight`` and the rest through the TT op with recomputed
+        offsets. Either way the sum equals the uncached module's output."""
         if self.training and self.steps > 0 and self.steps % self.refresh_interval == 0:
             self.refresh(table)  # at a step boundary: the previous step's backward has run
         if self.use_kernel and self.fused is not None and self.weight.device.type == "cpu":

@@ -3,7 +3,7 @@
 // Each batch's ids are deduped and arranged as a prefix tree (tt_plan.h), so every distinct
 // prefix product G_1[i_1]...G_k[i_k] is computed once; the tree is walked level by level in
 // parallel over nodes. A training forward leaves its plan and partial products for the backward
-// of the same batch (tt_plan_cache.h). Backward walks the tree in reverse; the gradient of each
+// of the same batch (../tt_plan_store.h). Backward walks the tree in reverse; the gradient of each
 // core slice is summed by exactly one thread (nodes are grouped by digit), so no atomics and the
 // result does not depend on the thread count. With a hot-row cache, cached ids are left out of the
 // tree: their rows are read from, and their gradients applied to, the cache's uncompressed rows.
@@ -17,7 +17,7 @@
 #include "../tt_checks.h"
 #include "tt_gemm.h"
 #include "tt_plan.h"
-#include "tt_plan_cache.h"
+#include "../tt_plan_store.h"
 
 namespace torchrec_tt::cpu {
 namespace {

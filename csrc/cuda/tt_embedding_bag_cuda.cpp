@@ -22,8 +22,8 @@
 #include <tuple>
 #include <vector>
 
-#include "../cpu/tt_plan_cache.h"
 #include "../tt_checks.h"
+#include "../tt_plan_store.h"
 #include "tt_kernels.cuh"
 
 namespace torchrec_tt::cuda_glue {
@@ -73,7 +73,7 @@ struct Prepared {
   at::Tensor indices, offsets, psw;  // contiguous; offsets int64
   // Identifies the batch for handing forward's plan to its backward: the caller's own tensors (not
   // the contiguous / int64 copies above, which are new each call).
-  std::optional<cpu::PlanKey> key;
+  std::optional<PlanKey> key;
 };
 
 Prepared prepare(const std::string& table, at::TensorList cores, const at::Tensor& indices, const at::Tensor& offsets,
@@ -184,7 +184,7 @@ at::Tensor forward(const std::string& table, const Prepared& a, at::TensorList c
   at::Tensor out = compute ? at::empty({B, D}, cores[0].options()) : at::zeros({B, D}, cores[0].options());
   at::Tensor record, plan;
   if (validate) record = at::empty({4}, cores[0].options().dtype(at::kLong));
-  const bool for_backward = cpu::plan_wanted_by_backward(cores[0]);
+  const bool for_backward = plan_wanted_by_backward(cores[0]);
   dispatch(table, cores[0].scalar_type(), a.indices.scalar_type(), [&](auto dt, auto it) {
     using S = typename decltype(dt)::scalar;
     using T = typename decltype(dt)::cuda;
@@ -210,9 +210,9 @@ at::Tensor forward(const std::string& table, const Prepared& a, at::TensorList c
     raise_from_record(table, a, rec_cpu, mode);
   }
   if (plan.defined() && for_backward) {  // a valid batch whose backward can follow
-    auto saved = std::make_shared<cpu::SavedBatch>();
+    auto saved = std::make_shared<SavedBatch>();
     saved->device_workspace = plan;
-    cpu::put_plan(*a.key, std::move(saved));
+    put_plan(*a.key, std::move(saved));
   }
   return out;
 }
@@ -242,7 +242,7 @@ void backward(const std::string& table, const Prepared& a, const at::Tensor& gra
     T* pg = psw_grad != nullptr ? reinterpret_cast<T*>(psw_grad->data_ptr<S>()) : nullptr;
     // The plan its forward built (a training step sorts and dedupes its ids once), else a new one.
     const size_t plan_bytes = kern::forward_workspace_bytes(a.dims, a.batch);
-    const auto saved = cpu::take_plan(*a.key);
+    const auto saved = take_plan(*a.key);
     const bool plan_ready = saved && saved->device_workspace.defined() &&
                             saved->device_workspace.device() == cores[0].device() &&
                             static_cast<size_t>(saved->device_workspace.numel()) >= plan_bytes;

@@ -1,4 +1,4 @@
-#include "tt_plan_cache.h"
+#include "tt_plan_store.h"
 
 #include <c10/core/InferenceMode.h>
 
@@ -7,7 +7,9 @@
 #include <mutex>
 #include <utility>
 
-namespace torchrec_tt::cpu {
+#include "cpu/tt_plan.h"
+
+namespace torchrec_tt {
 namespace {
 
 // Enough for every TT table of a large model between its forward and backward; plans of forward
@@ -25,7 +27,7 @@ std::mutex mutex;
 std::list<Entry> entries;  // most recent first
 size_t total_bytes = 0, total_device_bytes = 0;
 
-size_t plan_bytes(const TTPlan& p) {
+size_t plan_bytes(const cpu::TTPlan& p) {
   size_t n = p.bag_start.size() + p.bag_of.size() + p.slot.size() + p.bag_valid.size() + p.occ_start.size() +
              p.occ.size() + p.cached_slot.size() + p.cached_occ_start.size() + p.cached_occ.size();
   for (const auto* level : {&p.digit, &p.parent, &p.first_child, &p.by_digit_start, &p.by_digit}) {
@@ -99,4 +101,4 @@ std::shared_ptr<SavedBatch> take_plan(const PlanKey& key) {
   return nullptr;
 }
 
-}  // namespace torchrec_tt::cpu
+}  // namespace torchrec_tt

@@ -1,4 +1,5 @@
-// Plans built by a forward call, handed to the matching backward call.
+// Plans built by a forward call, handed to the matching backward call, for every device: the CPU
+// op stores its host plan and partial products, the CUDA op its plan workspace (device memory).
 //
 // A plan depends only on the ids, offsets, per-sample weights, the table's shapes and (with a
 // hot-row cache) the cache's id -> slot map. Autograd hands backward the very tensors forward saw,
@@ -6,8 +7,8 @@
 // to the tensors of their key, so their memory cannot be reused by another tensor while the entry
 // lives, and a key matches only if each tensor still has the same data pointer, shape and version
 // counter (an in-place change in between means a rebuild). Entries are consumed by backward;
-// forward calls without a backward (eval with grad enabled) age out of a small LRU list. The CUDA
-// op keeps its plan workspaces (device memory, own byte bound) in the same store.
+// forward calls without a backward (eval with grad enabled) age out of a small LRU list, with
+// separate byte bounds for host and device memory.
 #pragma once
 #include <ATen/ATen.h>
 
@@ -15,9 +16,11 @@
 #include <optional>
 #include <vector>
 
-#include "tt_plan.h"
+namespace torchrec_tt {
 
-namespace torchrec_tt::cpu {
+namespace cpu {
+struct TTPlan;  // cpu/tt_plan.h
+}  // namespace cpu
 
 struct PlanKey {
   std::vector<at::Tensor> tensors;  // ids, offsets, weights, cores[0] (the table), cache map
@@ -34,7 +37,7 @@ struct PlanKey {
 // (levels k >= 1, index k; backward would otherwise recompute them from the same cores).
 // The CUDA op keeps its whole plan workspace instead (device memory, see cuda/tt_kernels.cuh).
 struct SavedBatch {
-  std::shared_ptr<const TTPlan> plan;
+  std::shared_ptr<const cpu::TTPlan> plan;
   std::vector<at::Tensor> partials;
   at::Tensor device_workspace;
 };
@@ -47,4 +50,4 @@ void put_plan(PlanKey key, std::shared_ptr<SavedBatch> saved);
 // What forward stored for `key` (removed from the store), or nullptr.
 std::shared_ptr<SavedBatch> take_plan(const PlanKey& key);
 
-}  // namespace torchrec_tt::cpu
+}  // namespace torchrec_tt

@@ -184,7 +184,6 @@ at::Tensor forward(const std::string& table, const Prepared& a, at::TensorList c
   at::Tensor out = compute ? at::empty({B, D}, cores[0].options()) : at::zeros({B, D}, cores[0].options());
   at::Tensor record, plan;
   if (validate) record = at::empty({4}, cores[0].options().dtype(at::kLong));
-  const bool for_backward = plan_wanted_by_backward(cores[0]);
   dispatch(table, cores[0].scalar_type(), a.indices.scalar_type(), [&](auto dt, auto it) {
     using S = typename decltype(dt)::scalar;
     using T = typename decltype(dt)::cuda;
@@ -202,14 +201,14 @@ at::Tensor forward(const std::string& table, const Prepared& a, at::TensorList c
     const size_t bytes = kern::forward_workspace_bytes(a.dims, a.batch);
     plan = workspace(bytes, cores[0]);
     C10_CUDA_CHECK((kern::launch_forward<T, Id>(a.dims, a.batch, ids, psw, cp, reinterpret_cast<T*>(out.data_ptr<S>()),
-                                                for_backward, plan.data_ptr(), bytes, stream)));
+                                                plan.data_ptr(), bytes, stream)));
   });
   if (validate) {
     // The only host synchronisation of these ops (error / warn mode): a 32-byte copy.
     const at::Tensor rec_cpu = record.to(at::kCPU);
     raise_from_record(table, a, rec_cpu, mode);
   }
-  if (plan.defined() && for_backward) {  // a valid batch whose backward can follow
+  if (plan.defined() && plan_wanted_by_backward(cores[0])) {  // a valid batch whose backward can follow
     auto saved = std::make_shared<SavedBatch>();
     saved->device_workspace = plan;
     put_plan(*a.key, std::move(saved));

@@ -129,29 +129,11 @@ __device__ __forceinline__ void stage_nodes(const Plan& pl, const LevelArgs& a, 
   }
 }
 
-// dst[x] = load(x) for x < n, by the whole block, kStageBatch independent loads in flight per thread
-// (a plain loop would wait for each load before the next one).
-constexpr int kStageBatch = 8;
-template <typename Load>
-__device__ __forceinline__ void stage_copy(float* dst, int n, Load load) {
-  for (int x0 = threadIdx.x; x0 < n; x0 += kStageBatch * blockDim.x) {
-    float v[kStageBatch];
-#pragma unroll
-    for (int u = 0; u < kStageBatch; ++u) {
-      const int x = x0 + u * static_cast<int>(blockDim.x);
-      v[u] = x < n ? load(x) : 0.f;
-    }
-#pragma unroll
-    for (int u = 0; u < kStageBatch; ++u) {
-      const int x = x0 + u * static_cast<int>(blockDim.x);
-      if (x < n) dst[x] = v[u];
-    }
-  }
-}
-
 constexpr int kChildTile = 4;  // child_grad_kernel: each thread computes a 4 x 4 tile of outputs
 
-// dst[q * ld + r] = load(q, r) for q < rows, r < len: stage_copy for rows stored at stride ld.
+// dst[q * ld + r] = load(q, r) for q < rows, r < len, by the whole block, kStageBatch independent
+// loads in flight per thread (a plain loop would wait for each load before the next one).
+constexpr int kStageBatch = 8;
 template <typename Load>
 __device__ __forceinline__ void stage_rows(float* dst, int rows, int len, int ld, Load load) {
   const int n = rows * len;
@@ -175,8 +157,8 @@ __device__ __forceinline__ void stage_rows(float* dst, int rows, int len, int ld
 // dchild[j] (m_prev x rk) = dP_k[j] (m_prev x nk) @ G_k[digit_j]^T (nk x rk). One block per digit: the
 // core slice is staged once in shared memory (rows padded to an odd stride), then chunks of `chunk`
 // nodes have their dP_k rows staged with independent loads, and each thread computes a 4 x 4 tile
-// of outputs from shared memory. Without room for the slice and one node (chunk == 0) everything is read from
-// global memory. Reads core k: runs before slice_grad_kernel updates it.
+// of outputs from shared memory. Without room for the slice and one node (chunk == 0) everything is
+// read from global memory. Reads core k: runs before slice_grad_kernel updates it.
 template <typename T>
 __global__ void child_grad_kernel(Plan pl, LevelArgs a, int chunk, const T* __restrict__ core,
                                   float* __restrict__ dchild) {
@@ -194,12 +176,7 @@ __global__ void child_grad_kernel(Plan pl, LevelArgs a, int chunk, const T* __re
   float* g_s = smem;
   float* d_s = smem + a.rk * ld;
   const int s_k = a.m_prev * a.nk;
-  if (staged) {
-    for (int idx = threadIdx.x; idx < slice; idx += blockDim.x) {
-      const int t = idx / a.nk;
-      g_s[t * ld + (idx - t * a.nk)] = to_f(G[idx]);
-    }
-  }
+  if (staged) stage_rows(g_s, a.rk, a.nk, ld, [&](int t, int c) { return to_f(G[int64_t(t) * a.nk + c]); });
   const int per_node = a.m_prev * a.rk;
   for (int o0 = s; o0 < e; o0 += step) {
     const int cn = e - o0 < step ? e - o0 : step;
@@ -207,10 +184,7 @@ __global__ void child_grad_kernel(Plan pl, LevelArgs a, int chunk, const T* __re
     stage_nodes(pl, a, o0, cn, node_s, parent_s);
     __syncthreads();
     if (staged) {
-      stage_copy(d_s, cn * s_k, [&](int x) {
-        const int q = x / s_k;
-        return a.dp[int64_t(node_s[q]) * s_k + (x - q * s_k)];
-      });
+      stage_rows(d_s, cn, s_k, s_k, [&](int q, int r) { return a.dp[int64_t(node_s[q]) * s_k + r]; });
       __syncthreads();
     }
     // 4 x 4 output tiles (rows am0.., columns t0..): per c, 4 dP and 4 slice values feed 16 FMAs

@@ -48,6 +48,23 @@ LevelArgs group_level_args(const Sizes& sz, int k, int m_prev, int rk, int nk, c
   return a;
 }
 
+// Backward's view of the plan: every level's nodes grouped by (level, digit) in one radix sort, into
+// the plan workspace's group arrays (what forward left there is otherwise only read).
+cudaError_t group_nodes_by_digit(const Sizes& sz, const Plan& pl, const PlanWorkspace& w, cudaStream_t stream) {
+  const int64_t nodes = sz.group_nodes();
+  group_keys_kernel<<<grid_for(nodes, kFlatBlock), kFlatBlock, 0, stream>>>(pl, sz.group, w.gkeys_in, w.gvals_in);
+  TT_LAUNCHED();
+  size_t tb = w.temp_bytes;
+  TT_CUDA_TRY(cub::DeviceRadixSort::SortPairs(w.temp, tb, static_cast<const unsigned int*>(w.gkeys_in), w.gkeys_out,
+                                              static_cast<const int*>(w.gvals_in), w.order, static_cast<int>(nodes), 0,
+                                              sz.group_bits, stream));
+  TT_CUDA_TRY(cudaMemsetAsync(w.seg, 0, sizeof(int) * 2 * sz.group_segs(), stream));
+  group_segments_kernel<<<grid_for(nodes, kFlatBlock), kFlatBlock, 0, stream>>>(sz.group, w.gkeys_out, w.seg,
+                                                                                 w.seg + sz.group_segs());
+  TT_LAUNCHED();
+  return cudaSuccess;
+}
+
 // The plan's device pointers inside its workspace (no launch).
 Plan plan_view(const Sizes& sz, const PlanWorkspace& w) {
   Plan pl{};
@@ -67,7 +84,7 @@ Plan plan_view(const Sizes& sz, const PlanWorkspace& w) {
 // Sorts the ids and builds the prefix tree (steps 1-2), then P_0..P_last_level and the bag sizes.
 template <typename T, typename Id>
 cudaError_t build_plan(const TTDims& t, const Sizes& sz, const Bags& bg, const Id* ids, CorePtrs<const T> cores,
-                       int last_level, bool group_digits, const PlanWorkspace& w, cudaStream_t stream) {
+                       int last_level, const PlanWorkspace& w, cudaStream_t stream) {
   const Geo g = make_geo(t);
   const int n = sz.n;
   make_keys_kernel<Id><<<grid_for(n, kFlatBlock), kFlatBlock, 0, stream>>>(ids, n, g.N, w.keys_in, w.pos_in);
@@ -96,19 +113,6 @@ cudaError_t build_plan(const TTDims& t, const Sizes& sz, const Bags& bg, const I
   TT_LAUNCHED();
   node_info_kernel<<<grid_for(sz.max_bound, kFlatBlock), kFlatBlock, 0, stream>>>(g, pl, no, sz.max_bound);
   TT_LAUNCHED();
-  if (group_digits) {  // for backward: every level's nodes grouped by digit, in one sort
-    const int64_t nodes = sz.group_nodes();
-    group_keys_kernel<<<grid_for(nodes, kFlatBlock), kFlatBlock, 0, stream>>>(pl, sz.group, w.gkeys_in, w.gvals_in);
-    TT_LAUNCHED();
-    tb = w.temp_bytes;
-    TT_CUDA_TRY(cub::DeviceRadixSort::SortPairs(w.temp, tb, static_cast<const unsigned int*>(w.gkeys_in), w.gkeys_out,
-                                                static_cast<const int*>(w.gvals_in), w.order, static_cast<int>(nodes), 0,
-                                                sz.group_bits, stream));
-    TT_CUDA_TRY(cudaMemsetAsync(w.seg, 0, sizeof(int) * 2 * sz.group_segs(), stream));
-    group_segments_kernel<<<grid_for(nodes, kFlatBlock), kFlatBlock, 0, stream>>>(sz.group, w.gkeys_out, w.seg,
-                                                                                   w.seg + sz.group_segs());
-    TT_LAUNCHED();
-  }
   for (int k = 0; k <= last_level; ++k) {
     const int m_prev = k == 0 ? 1 : static_cast<int>(sz.m[k - 1]);
     const int rk = static_cast<int>(t.r[k]);
@@ -222,15 +226,15 @@ cudaError_t launch_validate(const TTDims& dims, const BatchDesc& batch, const Id
 
 template <typename T, typename Id>
 cudaError_t launch_forward(const TTDims& dims, const BatchDesc& batch, const Id* ids, const T* psw,
-                           CorePtrs<const T> cores, T* out, bool for_backward, void* plan_workspace,
-                           size_t plan_bytes, cudaStream_t stream) {
+                           CorePtrs<const T> cores, T* out, void* plan_workspace, size_t plan_bytes,
+                           cudaStream_t stream) {
   if (batch.n <= 0 || batch.num_bags <= 0) return cudaSuccess;  // caller returns zeros
   const Sizes sz(dims, batch);
   if (carve_plan(batch, sz, nullptr, nullptr) > plan_bytes) return cudaErrorInvalidValue;
   PlanWorkspace w{};
   carve_plan(batch, sz, align_up(plan_workspace), &w);
   const Bags bg = make_bags(batch);
-  TT_CUDA_TRY((build_plan<T, Id>(dims, sz, bg, ids, cores, sz.d - 1, for_backward, w, stream)));
+  TT_CUDA_TRY((build_plan<T, Id>(dims, sz, bg, ids, cores, sz.d - 1, w, stream)));
   pool_kernel<T><<<grid_for(batch.num_bags * kWarp, kWarpBlock), kWarpBlock, 0, stream>>>(
       bg, w.slot, w.bag_count, psw, w.P[sz.d - 1], static_cast<int>(sz.D), batch.mean, out);
   TT_LAUNCHED();
@@ -257,10 +261,10 @@ cudaError_t launch_backward(const TTDims& dims, const BatchDesc& batch, const Id
   if (!plan_ready) {  // forward's plan holds every level and the bag sizes; a new one needs P_last only for psw_grad
     CorePtrs<const T> ccores{};
     for (int k = 0; k < d; ++k) ccores.ptr[k] = cores.ptr[k];
-    TT_CUDA_TRY(
-        (build_plan<T, Id>(dims, sz, bg, ids, ccores, psw_grad != nullptr ? last : last - 1, true, pw, stream)));
+    TT_CUDA_TRY((build_plan<T, Id>(dims, sz, bg, ids, ccores, psw_grad != nullptr ? last : last - 1, pw, stream)));
   }
   const Plan pl = plan_view(sz, pw);
+  TT_CUDA_TRY(group_nodes_by_digit(sz, pl, pw, stream));
   const int n = sz.n;
   const int D = static_cast<int>(sz.D);
   bag_of_kernel<<<grid_for(n, kFlatBlock), kFlatBlock, 0, stream>>>(bg, gw.bag_of);
@@ -289,7 +293,7 @@ cudaError_t launch_backward(const TTDims& dims, const BatchDesc& batch, const Id
   template cudaError_t launch_validate<T, Id>(const TTDims&, const BatchDesc&, const Id*, const T*, bool,      \
                                               ErrorRecord*, cudaStream_t);                                      \
   template cudaError_t launch_forward<T, Id>(const TTDims&, const BatchDesc&, const Id*, const T*,             \
-                                             CorePtrs<const T>, T*, bool, void*, size_t, cudaStream_t);         \
+                                             CorePtrs<const T>, T*, void*, size_t, cudaStream_t);               \
   template cudaError_t launch_backward<T, Id>(const TTDims&, const BatchDesc&, const Id*, const T*, const T*, \
                                               CorePtrs<T>, CorePtrs<T>, const UpdateArgs&, T*,                  \
                                               const ErrorRecord*, void*, size_t, bool, void*, size_t,           \

@@ -19,7 +19,7 @@
 //      their rows in position order (deterministic, no atomics).
 //   4. Backward (on forward's plan when the glue hands it over, else a new one): each unique row's
 //      gradient is a segmented sum over its sorted occurrences; the levels are walked in reverse.
-//      A training plan also groups every level's nodes by (level, digit) with one more radix sort.
+//      Backward first groups every level's nodes by (level, digit) with one more radix sort.
 //      Per level k, one block per core slice v (a) computes for each node j with digit v its share
 //      dP_k[j] @ G_k[v]^T of its parent's gradient (slice staged once in shared memory, 4x4 tiles per
 //      thread), after which dP_{k-1}[parent] sums its children's shares in node order; then (b) sums
@@ -116,21 +116,20 @@ cudaError_t launch_validate(const TTDims& dims, const BatchDesc& batch, const Id
                             bool record_id_errors, ErrorRecord* record, cudaStream_t stream);
 
 // Forward: out [num_bags, D] (every bag written). plan_workspace: forward_workspace_bytes bytes; on
-// return it holds the batch's plan. With for_backward the plan also groups every level's nodes by
-// digit (one more sort), and the backward of the same batch (same ids, offsets, weights and cores)
-// may take it instead of building its own.
+// return it holds the batch's plan, which the backward of the same batch (same ids, offsets, weights
+// and cores) may take instead of building its own.
 template <typename T, typename Id>
 cudaError_t launch_forward(const TTDims& dims, const BatchDesc& batch, const Id* ids, const T* psw,
-                           CorePtrs<const T> cores, T* out, bool for_backward, void* plan_workspace,
-                           size_t plan_bytes, cudaStream_t stream);
+                           CorePtrs<const T> cores, T* out, void* plan_workspace, size_t plan_bytes,
+                           cudaStream_t stream);
 
 // Backward. grad_out [num_bags, D]. With update.opt == kNone the slice gradients are written into
 // core_grads (zero-initialised by the caller; untouched slices stay 0); otherwise the optimizer is
 // applied to `cores` in place. psw_grad (nullable) receives d out / d per_sample_weights.
 // guard (nullable): a validation record of the same batch; if it holds an offsets/weights error,
 // nothing is written to cores, state or core_grads (device-side check, no synchronisation).
-// plan_ready: plan_workspace holds this batch's plan from launch_forward with for_backward (only
-// read); otherwise the plan is built into it. workspace: backward_workspace_bytes bytes.
+// plan_ready: plan_workspace holds this batch's plan from launch_forward (backward adds only its
+// digit groups); otherwise the plan is built into it. workspace: backward_workspace_bytes bytes.
 template <typename T, typename Id>
 cudaError_t launch_backward(const TTDims& dims, const BatchDesc& batch, const Id* ids, const T* psw,
                             const T* grad_out, CorePtrs<T> cores, CorePtrs<T> core_grads,

@@ -42,7 +42,7 @@ struct Sizes {
   int64_t m[kMaxCores] = {};      // m_k = q_0..q_k
   int64_t max_bound = 0, max_level = 0, max_p = 0, max_core = 0;
   int id_bits = 1;
-  GroupLayout group{};  // the (level, digit) sort of all nodes (training plans)
+  GroupLayout group{};  // the (level, digit) sort of all nodes (backward)
   int group_bits = 1;   // key bits of that sort
 
   Sizes(const TTDims& t, const BatchDesc& b) {
@@ -102,7 +102,7 @@ struct PlanWorkspace {
   int* slot;
   int* bag_count;
   float* P[kMaxCores];
-  // nodes of every level grouped by digit (built when a backward will follow)
+  // nodes of every level grouped by digit (built by backward)
   unsigned int *gkeys_in, *gkeys_out;
   int *gvals_in, *order;  // order: node numbers, sorted by (level, digit), node order within a digit
   int* seg;               // seg_start = seg, seg_end = seg + group_segs()

@@ -1,5 +1,7 @@
 #include "tt_checks.h"
 
+#include <torch/csrc/Exceptions.h>  // torch::PyWarningHandler
+
 #include <bit>
 
 namespace torchrec_tt {
@@ -196,6 +198,14 @@ void check_offsets_values(const std::string& table, const int64_t* off, int64_t 
     TT_CHECK(off[count - 1] <= num_ids, VALUE, table, "the last offset (", off[count - 1],
              ") is beyond the number of ids (", num_ids, ")");
   }
+}
+
+void warn_dropped_ids(const std::string& table, int64_t dropped, int64_t n, int64_t num_embeddings) {
+  // The handler buffers the warning and hands it to Python's warnings module when it goes out of
+  // scope (taking the GIL); if a warnings filter turns it into an error, that error is raised.
+  torch::PyWarningHandler to_python;
+  TORCH_WARN("torchrec_tt: table '", table, "': dropped ", dropped, " of ", n, " ids outside [0, ", num_embeddings,
+             ")");
 }
 
 }  // namespace torchrec_tt

@@ -25,6 +25,10 @@ struct TTShape {
   int64_t slice_numel(int64_t k) const { return r[k] * q[k] * r[k + 1]; }
 };
 
+// Warn mode's warning about dropped ids, as a Python UserWarning (catchable with `warnings`):
+// torch.ops calls into C++ ops do not turn TORCH_WARN into Python warnings themselves.
+void warn_dropped_ids(const std::string& table, int64_t dropped, int64_t n, int64_t num_embeddings);
+
 // Validates metadata (dtypes, devices, ranks, sizes); values are checked by the device code.
 TTShape check_tt_args(
     const std::string& table,

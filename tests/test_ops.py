@@ -2,6 +2,8 @@
 optimizers against torch.optim on dense gradients, and its error handling."""
 import math
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -322,6 +324,31 @@ def test_lenient_bounds_check_drops_bad_ids(mode):
     torch.testing.assert_close(out, want)
     out.sum().backward()  # backward skips the dropped ids too
 
+
+
+def test_dropped_ids_warning_obeys_python_filters():
+    """The warn-mode warning goes through Python's warnings module (torch.ops itself would print it to
+    stderr), so a filter that turns it into an error raises before anything is trained."""
+    t = TTEmbeddingBag(100, 8, tt_ranks=4, bounds_check_mode="warn", name="ads", optimizer="sgd")
+    before = [c.detach().clone() for c in t.cores]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(UserWarning, match=r"table 'ads': dropped 1 of 3 ids"):
+            t(torch.tensor([1, 200, 3]), torch.tensor([0, 2])).sum().backward()
+    assert all(torch.equal(a, b) for a, b in zip(before, t.cores))
+
+
+def test_autograd_formulas_are_cpp():
+    """Training steps run no Python autograd code: the three lookup ops have C++ Autograd kernels and
+    their outputs' grad_fn are C++ nodes (a Python formula would show up as a BackwardCFunction)."""
+    for op in ("tt_embedding_bag", "tt_embedding_bag_fused", "tt_cached_embedding_bag_fused"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"torchrec_tt::{op}", "Autograd"), op
+    ids, offsets = torch.tensor([1, 2, 3]), torch.tensor([0, 2])
+    for optimizer, node in ((None, "LookupFn"), ("sgd", "FusedLookupFn")):
+        t = TTEmbeddingBag(100, 8, tt_ranks=4, optimizer=optimizer)
+        fn = t(ids, offsets).grad_fn
+        assert fn.name().endswith(f"::{node}>"), fn.name()
+        assert not isinstance(fn, torch.autograd.function.BackwardCFunction)
 
 def test_empty_batch_and_empty_bags():
     t = TTEmbeddingBag(100, 7, tt_ranks=3, mode="mean")

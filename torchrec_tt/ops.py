@@ -1,7 +1,8 @@
 """Python face of the ``torchrec_tt`` custom ops (C++ schemas in ``csrc/schema.cpp``).
 
 This layer only binds: it turns friendly arguments into the schema's integers, registers fake
-kernels (shape functions, so ``torch.compile`` can trace the ops) and the autograd formulas.
+kernels (shape functions, so ``torch.compile`` can trace the ops). The autograd formulas are
+C++ (``csrc/tt_autograd.cpp``).
 
 Offsets convention (as ``torch.nn.EmbeddingBag``): with ``include_last_offset=False`` there is one
 offset per bag, ``offsets[0] == 0``, and the last bag runs to the end of ``indices``; with
@@ -208,63 +209,5 @@ def _(grad_output, cores, optimizer_state, cache_weight, cache_state, cache_map,
 
 
 # ---- autograd ------------------------------------------------------------------------------------
-
-def _setup_context(ctx, inputs, output):
-    cores, indices, offsets, psw, num_embeddings, pooling, include_last_offset, _, table_name = inputs
-    ctx.num_cores = len(cores)
-    ctx.psw_grad = psw is not None and psw.requires_grad
-    ctx.args = (num_embeddings, pooling, include_last_offset)
-    ctx.table_name = table_name
-    ctx.save_for_backward(indices, offsets, psw, *cores)
-
-
-def _backward(ctx, grad):
-    indices, offsets, psw, *cores = ctx.saved_tensors
-    core_grads, grad_psw = _ops.tt_embedding_bag_backward(
-        grad, cores, indices, offsets, psw, *ctx.args, ctx.psw_grad, ctx.table_name)
-    return core_grads, None, None, grad_psw if ctx.psw_grad else None, None, None, None, None, None
-
-
-torch.library.register_autograd("torchrec_tt::tt_embedding_bag", _backward, setup_context=_setup_context)
-
-
-def _fused_setup_context(ctx, inputs, output):
-    (cores, state, indices, offsets, psw, num_embeddings, pooling, include_last_offset, _, optimizer,
-     learning_rate, eps, table_name) = inputs
-    # Kept by reference: backward updates these very tensors in place.
-    ctx.cores, ctx.state = list(cores), list(state)
-    ctx.args = (num_embeddings, pooling, include_last_offset, optimizer, learning_rate, eps, table_name)
-    ctx.save_for_backward(indices, offsets, psw)
-
-
-def _fused_backward(ctx, grad):
-    indices, offsets, psw = ctx.saved_tensors
-    with torch.no_grad():
-        _ops.tt_embedding_bag_backward_fused_(grad, ctx.cores, ctx.state, indices, offsets, psw, *ctx.args)
-    return [None] * len(ctx.cores), [None] * len(ctx.state), *([None] * 11)
-
-
-torch.library.register_autograd("torchrec_tt::tt_embedding_bag_fused", _fused_backward,
-                                setup_context=_fused_setup_context)
-
-
-def _cached_setup_context(ctx, inputs, output):
-    (cores, state, cache_weight, cache_state, cache_map, cache_trained, indices, offsets, psw, num_embeddings,
-     pooling, include_last_offset, _, optimizer, learning_rate, eps, table_name) = inputs
-    # Kept by reference: backward updates these very tensors in place.
-    ctx.cores, ctx.state = list(cores), list(state)
-    ctx.cache = (cache_weight, cache_state, cache_map, cache_trained)
-    ctx.args = (num_embeddings, pooling, include_last_offset, optimizer, learning_rate, eps, table_name)
-    ctx.save_for_backward(indices, offsets, psw)
-
-
-def _cached_backward(ctx, grad, _grad_where):
-    indices, offsets, psw = ctx.saved_tensors
-    with torch.no_grad():
-        _ops.tt_cached_embedding_bag_backward_fused_(grad, ctx.cores, ctx.state, *ctx.cache, indices, offsets,
-                                                     psw, *ctx.args)
-    return [None] * len(ctx.cores), [None] * len(ctx.state), *([None] * 15)
-
-
-torch.library.register_autograd("torchrec_tt::tt_cached_embedding_bag_fused", _cached_backward,
-                                setup_context=_cached_setup_context)
+# The formulas of tt_embedding_bag, tt_embedding_bag_fused and tt_cached_embedding_bag_fused are
+# registered in C++ (csrc/tt_autograd.cpp), so a training step runs no Python around the kernels.

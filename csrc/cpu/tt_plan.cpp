@@ -28,8 +28,7 @@ void collect_valid_ids(const std::string& table, const TTShape& s, const Id* ids
                " at position ", i, " is out of range [0, ", s.num_embeddings, ")");
     }
     if (mode == BoundsCheckMode::kWarn) {
-      TORCH_WARN("torchrec_tt: table '", table, "': dropped ", n - kept, " of ", n, " ids outside [0, ",
-                 s.num_embeddings, ")");
+      warn_dropped_ids(table, n - kept, n, s.num_embeddings);
     }
   }
   keys.resize(kept);

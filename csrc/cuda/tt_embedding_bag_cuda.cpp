@@ -169,8 +169,7 @@ void raise_from_record(const std::string& table, const Prepared& a, const at::Te
     }
   }
   if (dropped > 0 && mode == BoundsCheckMode::kWarn) {
-    TORCH_WARN("torchrec_tt: table '", table, "': dropped ", dropped, " of ", n, " ids outside [0, ",
-               a.shape.num_embeddings, ")");
+    warn_dropped_ids(table, dropped, n, a.shape.num_embeddings);
   }
 }
 

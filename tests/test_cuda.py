@@ -418,6 +418,41 @@ def test_bad_input_same_error_as_cpu(case, change, mode):
     assert dev_err == cpu_err
 
 
+
+@pytest.mark.parametrize("where", ["id", "offset", "weight", "dropped"])
+@pytest.mark.parametrize("n", [1000, 40_000])  # one-block validation, and the grid + finalize launches
+def test_validation_of_large_batches_like_cpu(where, n):
+    """Errors far into a batch, on both validation paths: the same message as the CPU op; in warn
+    mode the same dropped count."""
+    cores = [x.float() for x in random_cores([10, 10], [2, 2], [1, 3, 1], 0)]
+    g = torch.Generator().manual_seed(n)
+    ids = torch.randint(0, 100, (n,), generator=g)
+    offsets = torch.arange(0, n, 4)
+    psw = torch.ones(n)
+    if where in ("id", "dropped"):
+        ids[n - 7] = 100 + n
+        ids[n - 3] = -1
+    elif where == "offset":
+        offsets[len(offsets) - 5] -= 9
+    else:
+        psw[n - 2] = float("nan")
+    mode = 1 if where == "dropped" else 0
+
+    def call(device):
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            out = OPS.tt_embedding_bag([c.to(device) for c in cores], ids.to(device), offsets.to(device),
+                                       psw.to(device), 100, 0, False, mode, "big")
+        return out.cpu(), [str(x.message).split(" (Triggered")[0] for x in w]
+
+    if mode == 0:
+        cpu_err, dev_err = raised(lambda: call("cpu")), raised(lambda: call(DEV))
+        assert cpu_err is not None and dev_err == cpu_err
+        return
+    (cpu_out, cpu_msgs), (dev_out, dev_msgs) = call("cpu"), call(DEV)
+    close(dev_out, cpu_out, 1e-5)
+    assert dev_msgs == cpu_msgs == [f"torchrec_tt: table 'big': dropped 2 of {n} ids outside [0, 100)"]
+
 @pytest.mark.parametrize("mode", [1, 2])
 def test_lenient_modes_drop_like_cpu(mode):
     cores = [x.float() for x in random_cores([10, 10], [2, 2], [1, 3, 1], 0)]

@@ -4,9 +4,10 @@
 // Synchronisation: the forward op in bounds_check_mode 0 (error) or 1 (warn) reads one 32-byte
 // validation record back to the host (one small D2H copy, after the compute kernels are queued) to
 // raise the CPU op's exceptions and warnings. That is the only host synchronisation: IGNORE mode
-// and both backward ops never synchronise. The backward ops validate on the device and, if
-// offsets or per_sample_weights are invalid (which the forward would have rejected), write nothing
-// (cores, optimizer state and core gradients stay untouched) instead of raising.
+// and both backward ops never synchronise. The backward ops validate on the device (or take the
+// record their forward checked for the same batch) and, if offsets or per_sample_weights are
+// invalid (which the forward would have rejected), write nothing (cores, optimizer state and core
+// gradients stay untouched) instead of raising.
 //
 // Supported core dtypes: float32, float16, bfloat16 (fp32 accumulation; optimizer state fp32).
 #ifdef TORCHREC_TT_CUDA
@@ -210,6 +211,7 @@ at::Tensor forward(const std::string& table, const Prepared& a, at::TensorList c
   if (plan.defined() && plan_wanted_by_backward(cores[0])) {  // a valid batch whose backward can follow
     auto saved = std::make_shared<SavedBatch>();
     saved->device_workspace = plan;
+    saved->device_record = record;  // checked above (undefined in ignore mode)
     put_plan(*a.key, std::move(saved));
   }
   return out;
@@ -222,7 +224,17 @@ void backward(const std::string& table, const Prepared& a, const at::Tensor& gra
   const c10::cuda::CUDAGuard device_guard(cores[0].device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   const at::Tensor grad = grad_output.contiguous();
-  at::Tensor record = at::empty({4}, cores[0].options().dtype(at::kLong));
+  // The plan its forward built (a training step sorts and dedupes its ids once), else a new one.
+  const size_t plan_bytes = kern::forward_workspace_bytes(a.dims, a.batch);
+  const auto saved = take_plan(*a.key);
+  const bool plan_ready = saved && saved->device_workspace.defined() &&
+                          saved->device_workspace.device() == cores[0].device() &&
+                          static_cast<size_t>(saved->device_workspace.numel()) >= plan_bytes;
+  // The guard of the writes: forward's validation record of this very batch when it checked one
+  // (error / warn mode), else a device-side validation here (never read back; no id errors:
+  // backward drops invalid ids, as on CPU).
+  const bool checked = plan_ready && saved->device_record.defined();
+  at::Tensor record = checked ? saved->device_record : at::empty({4}, cores[0].options().dtype(at::kLong));
   dispatch(table, cores[0].scalar_type(), a.indices.scalar_type(), [&](auto dt, auto it) {
     using S = typename decltype(dt)::scalar;
     using T = typename decltype(dt)::cuda;
@@ -230,20 +242,13 @@ void backward(const std::string& table, const Prepared& a, const at::Tensor& gra
     const Id* ids = a.indices.data_ptr<Id>();
     const T* psw = a.psw.defined() ? reinterpret_cast<const T*>(a.psw.data_ptr<S>()) : nullptr;
     auto* rec = reinterpret_cast<kern::ErrorRecord*>(record.data_ptr<int64_t>());
-    // Device-side guard only (no id errors: backward drops invalid ids, as on CPU); never read back.
-    C10_CUDA_CHECK((kern::launch_validate<T, Id>(a.dims, a.batch, ids, psw, false, rec, stream)));
+    if (!checked) C10_CUDA_CHECK((kern::launch_validate<T, Id>(a.dims, a.batch, ids, psw, false, rec, stream)));
     kern::CorePtrs<T> cp, gp;
     for (int64_t k = 0; k < a.shape.d; ++k) {
       cp.ptr[k] = reinterpret_cast<T*>(cores[k].data_ptr<S>());
       if (!core_grads.empty()) gp.ptr[k] = reinterpret_cast<T*>(core_grads[k].data_ptr<S>());
     }
     T* pg = psw_grad != nullptr ? reinterpret_cast<T*>(psw_grad->data_ptr<S>()) : nullptr;
-    // The plan its forward built (a training step sorts and dedupes its ids once), else a new one.
-    const size_t plan_bytes = kern::forward_workspace_bytes(a.dims, a.batch);
-    const auto saved = take_plan(*a.key);
-    const bool plan_ready = saved && saved->device_workspace.defined() &&
-                            saved->device_workspace.device() == cores[0].device() &&
-                            static_cast<size_t>(saved->device_workspace.numel()) >= plan_bytes;
     at::Tensor plan = plan_ready ? saved->device_workspace : workspace(plan_bytes, cores[0]);
     const size_t bytes = kern::backward_workspace_bytes(a.dims, a.batch);
     at::Tensor ws = workspace(bytes, cores[0]);

@@ -9,10 +9,6 @@ namespace {
 
 // ---- backward --------------------------------------------------------------------------------------
 
-__global__ void bag_of_kernel(Bags bg, int* __restrict__ bag_of) {
-  for (int64_t i = grid_start(); i < bg.n; i += grid_stride()) bag_of[i] = bag_of_position(bg, static_cast<int>(i));
-}
-
 // d out[b] / d psw[pos] = <row, grad[b]> (/ count for mean); one warp per position.
 template <typename T>
 __global__ void psw_grad_kernel(int n, const int* __restrict__ slot, const int* __restrict__ bag_of,

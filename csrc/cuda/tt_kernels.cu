@@ -52,13 +52,14 @@ LevelArgs group_level_args(const Sizes& sz, int k, int m_prev, int rk, int nk, c
 // the plan workspace's group arrays (what forward left there is otherwise only read).
 cudaError_t group_nodes_by_digit(const Sizes& sz, const Plan& pl, const PlanWorkspace& w, cudaStream_t stream) {
   const int64_t nodes = sz.group_nodes();
-  group_keys_kernel<<<grid_for(nodes, kFlatBlock), kFlatBlock, 0, stream>>>(pl, sz.group, w.gkeys_in, w.gvals_in);
+  const int64_t items = nodes > 2 * sz.group_segs() ? nodes : 2 * sz.group_segs();
+  group_keys_kernel<<<grid_for(items, kFlatBlock), kFlatBlock, 0, stream>>>(pl, sz.group, w.gkeys_in, w.gvals_in,
+                                                                              w.seg);
   TT_LAUNCHED();
   size_t tb = w.temp_bytes;
   TT_CUDA_TRY(cub::DeviceRadixSort::SortPairs(w.temp, tb, static_cast<const unsigned int*>(w.gkeys_in), w.gkeys_out,
                                               static_cast<const int*>(w.gvals_in), w.order, static_cast<int>(nodes), 0,
                                               sz.group_bits, stream));
-  TT_CUDA_TRY(cudaMemsetAsync(w.seg, 0, sizeof(int) * 2 * sz.group_segs(), stream));
   group_segments_kernel<<<grid_for(nodes, kFlatBlock), kFlatBlock, 0, stream>>>(sz.group, w.gkeys_out, w.seg,
                                                                                  w.seg + sz.group_segs());
   TT_LAUNCHED();
@@ -81,25 +82,22 @@ Plan plan_view(const Sizes& sz, const PlanWorkspace& w) {
   return pl;
 }
 
-// Sorts the ids and builds the prefix tree (steps 1-2), then P_0..P_last_level and the bag sizes.
+// Sorts the ids and builds the prefix tree (steps 1-2), then P_0..P_last_level (bag sizes: pool_kernel, or
+// bag_count_kernel in a backward without forward's plan).
 template <typename T, typename Id>
 cudaError_t build_plan(const TTDims& t, const Sizes& sz, const Bags& bg, const Id* ids, CorePtrs<const T> cores,
                        int last_level, const PlanWorkspace& w, cudaStream_t stream) {
   const Geo g = make_geo(t);
   const int n = sz.n;
-  make_keys_kernel<Id><<<grid_for(n, kFlatBlock), kFlatBlock, 0, stream>>>(ids, n, g.N, w.keys_in, w.pos_in);
+  make_keys_kernel<Id><<<grid_for(n, kFlatBlock), kFlatBlock, 0, stream>>>(ids, n, g.N, bg, w.keys_in, w.pos_in,
+                                                                          w.bag_of);
   TT_LAUNCHED();
   size_t tb = w.temp_bytes;
   TT_CUDA_TRY(cub::DeviceRadixSort::SortPairs(w.temp, tb, static_cast<const unsigned long long*>(w.keys_in), w.keys_out,
                                               static_cast<const int*>(w.pos_in), w.pos_out, n, 0, sz.id_bits,
                                               stream));
-  mark_kernel<<<grid_for(n, kFlatBlock), kFlatBlock, 0, stream>>>(g, w.keys_out, n, w.flags);
-  TT_LAUNCHED();
-  for (int k = 0; k < sz.d; ++k) {
-    tb = w.temp_bytes;
-    TT_CUDA_TRY(cub::DeviceScan::InclusiveSum(w.temp, tb, static_cast<const int*>(w.flags + int64_t(k) * n),
-                                              w.incl[k], n, stream));
-  }
+  tb = w.temp_bytes;
+  TT_CUDA_TRY(scan_levels(w.temp, tb, g, w.keys_out, w.incl, n, stream));
   const Plan pl = plan_view(sz, w);
   PlanOut po{};
   NodeOut no{};
@@ -109,7 +107,7 @@ cudaError_t build_plan(const TTDims& t, const Sizes& sz, const Bags& bg, const I
     no.parent[k] = w.parent[k];
   }
   po.slot = w.slot;
-  scatter_kernel<<<grid_for(n, kFlatBlock), kFlatBlock, 0, stream>>>(g, pl, po, w.flags);
+  scatter_kernel<<<grid_for(n, kFlatBlock), kFlatBlock, 0, stream>>>(g, pl, po);
   TT_LAUNCHED();
   node_info_kernel<<<grid_for(sz.max_bound, kFlatBlock), kFlatBlock, 0, stream>>>(g, pl, no, sz.max_bound);
   TT_LAUNCHED();
@@ -121,8 +119,6 @@ cudaError_t build_plan(const TTDims& t, const Sizes& sz, const Bags& bg, const I
         pl, k, cores.ptr[k], k == 0 ? nullptr : w.P[k - 1], w.P[k], m_prev, rk, nk);
     TT_LAUNCHED();
   }
-  bag_count_kernel<<<grid_for(bg.num_bags * kWarp, kWarpBlock), kWarpBlock, 0, stream>>>(bg, w.slot, w.bag_count);
-  TT_LAUNCHED();
   return cudaSuccess;
 }
 
@@ -210,17 +206,21 @@ size_t backward_workspace_bytes(const TTDims& dims, const BatchDesc& batch) {
 template <typename T, typename Id>
 cudaError_t launch_validate(const TTDims& dims, const BatchDesc& batch, const Id* ids, const T* psw,
                             bool record_id_errors, ErrorRecord* record, cudaStream_t stream) {
+  const int64_t total = batch.n > batch.num_offsets ? batch.n : batch.num_offsets;
+  const auto N = static_cast<unsigned long long>(dims.num_embeddings);
+  if (total <= kValidateOneBlockMax) {
+    validate_block_kernel<T, Id><<<1, kValidateBlock, 0, stream>>>(
+        ids, batch.n, batch.offsets, batch.num_offsets, batch.include_last_offset, psw, N, record_id_errors, record);
+    TT_LAUNCHED();
+    return cudaSuccess;
+  }
   init_record_kernel<<<1, 1, 0, stream>>>(record);
   TT_LAUNCHED();
-  const int64_t total = batch.n > batch.num_offsets ? batch.n : batch.num_offsets;
-  if (total > 0) {
-    validate_kernel<T, Id><<<grid_for(total, kFlatBlock), kFlatBlock, 0, stream>>>(
-        ids, batch.n, batch.offsets, batch.num_offsets, batch.include_last_offset, psw,
-        static_cast<unsigned long long>(dims.num_embeddings), record_id_errors, record);
-    TT_LAUNCHED();
-    finalize_record_kernel<Id><<<1, 1, 0, stream>>>(ids, batch.offsets, record);
-    TT_LAUNCHED();
-  }
+  validate_kernel<T, Id><<<grid_for(total, kFlatBlock), kFlatBlock, 0, stream>>>(
+      ids, batch.n, batch.offsets, batch.num_offsets, batch.include_last_offset, psw, N, record_id_errors, record);
+  TT_LAUNCHED();
+  finalize_record_kernel<Id><<<1, 1, 0, stream>>>(ids, batch.offsets, record);
+  TT_LAUNCHED();
   return cudaSuccess;
 }
 
@@ -262,22 +262,22 @@ cudaError_t launch_backward(const TTDims& dims, const BatchDesc& batch, const Id
     CorePtrs<const T> ccores{};
     for (int k = 0; k < d; ++k) ccores.ptr[k] = cores.ptr[k];
     TT_CUDA_TRY((build_plan<T, Id>(dims, sz, bg, ids, ccores, psw_grad != nullptr ? last : last - 1, pw, stream)));
+    bag_count_kernel<<<grid_for(bg.num_bags * kWarp, kWarpBlock), kWarpBlock, 0, stream>>>(bg, pw.slot, pw.bag_count);
+    TT_LAUNCHED();
   }
   const Plan pl = plan_view(sz, pw);
   TT_CUDA_TRY(group_nodes_by_digit(sz, pl, pw, stream));
   const int n = sz.n;
   const int D = static_cast<int>(sz.D);
-  bag_of_kernel<<<grid_for(n, kFlatBlock), kFlatBlock, 0, stream>>>(bg, gw.bag_of);
-  TT_LAUNCHED();
   if (psw_grad != nullptr) {
     psw_grad_kernel<T><<<grid_for(int64_t(n) * kWarp, kWarpBlock), kWarpBlock, 0, stream>>>(
-        n, pw.slot, gw.bag_of, pw.bag_count, pw.P[last], grad_out, D, batch.mean, psw_grad);
+        n, pw.slot, pw.bag_of, pw.bag_count, pw.P[last], grad_out, D, batch.mean, psw_grad);
     TT_LAUNCHED();
   }
   float* d_cur = gw.dA;
   float* d_other = gw.dB;
   row_grad_kernel<T><<<grid_for(sz.bound[last] * kWarp, kWarpBlock), kWarpBlock, 0, stream>>>(
-      pl, last, gw.bag_of, pw.bag_count, psw, grad_out, D, batch.mean, d_cur);
+      pl, last, pw.bag_of, pw.bag_count, psw, grad_out, D, batch.mean, d_cur);
   TT_LAUNCHED();
   for (int k = last; k >= 0; --k) {
     TT_CUDA_TRY(backward_level<T>(dims, sz, k, pl, pw, gw, d_cur, d_other, cores.ptr[k], core_grads.ptr[k], update,

@@ -2,6 +2,11 @@
 // Part of the CUDA kernels' one translation unit (included by tt_kernels.cu): internal, not an API.
 #pragma once
 
+#include <cub/device/device_scan.cuh>
+#include <thrust/iterator/counting_iterator.h>
+#include <thrust/iterator/tabulate_output_iterator.h>
+#include <thrust/iterator/transform_iterator.h>
+
 #include "tt_device_common.cuh"
 
 namespace torchrec_tt::cuda {
@@ -20,6 +25,50 @@ __global__ void init_record_kernel(ErrorRecord* rec) {
   rec->dropped = 0;
 }
 
+// Checks of position i (an offset, an id and its weight): folds the first error into best and
+// counts an out-of-range id into dropped.
+template <typename T, typename Id>
+__device__ __forceinline__ void check_position(int64_t i, const Id* __restrict__ ids, int64_t n,
+                                               const int64_t* __restrict__ off, int64_t count, bool include_last,
+                                               const T* __restrict__ psw, unsigned long long N, bool record_ids,
+                                               unsigned long long& best, unsigned long long& dropped) {
+  if (i < count) {
+    const int64_t o = off[i];
+    if (i == 0 && o != 0) best = min(best, err_key(kErrOffsetsStart, 0));
+    if (i > 0 && o < off[i - 1]) best = min(best, err_key(kErrOffsetsDecreasing, i));
+    if (i == count - 1 && (include_last ? o != n : o > n)) best = min(best, err_key(kErrLastOffset, i));
+  }
+  if (i < n) {
+    if (psw != nullptr && !is_finite_f(to_f(psw[i]))) best = min(best, err_key(kErrWeightNotFinite, 0));
+    const long long id = static_cast<long long>(ids[i]);
+    if (id < 0 || static_cast<unsigned long long>(id) >= N) {
+      ++dropped;
+      if (record_ids) best = min(best, err_key(kErrIdOutOfRange, i));
+    }
+  }
+}
+
+// The values the host message needs for the winning error key.
+template <typename Id>
+__device__ __forceinline__ void record_values(unsigned long long key, const Id* __restrict__ ids,
+                                              const int64_t* __restrict__ off, ErrorRecord* rec) {
+  long long v0 = 0, v1 = 0;
+  if (key != kNoErrorKey) {
+    const unsigned long long kind = key >> kErrorKindShift;
+    const int64_t pos = static_cast<int64_t>(key & kErrorPosMask);
+    if (kind == kErrOffsetsStart) v0 = off[0];
+    if (kind == kErrOffsetsDecreasing) {
+      v0 = off[pos];
+      v1 = off[pos - 1];
+    }
+    if (kind == kErrLastOffset) v0 = off[pos];
+    if (kind == kErrIdOutOfRange) v0 = static_cast<long long>(ids[pos]);
+  }
+  rec->value0 = static_cast<unsigned long long>(v0);
+  rec->value1 = static_cast<unsigned long long>(v1);
+}
+
+// Large batches: a grid of these between init_record_kernel and finalize_record_kernel.
 template <typename T, typename Id>
 __global__ void validate_kernel(const Id* __restrict__ ids, int64_t n, const int64_t* __restrict__ off,
                                 int64_t count, bool include_last, const T* __restrict__ psw,
@@ -27,20 +76,7 @@ __global__ void validate_kernel(const Id* __restrict__ ids, int64_t n, const int
   unsigned long long best = kNoErrorKey, dropped = 0;
   const int64_t total = n > count ? n : count;
   for (int64_t i = grid_start(); i < total; i += grid_stride()) {
-    if (i < count) {
-      const int64_t o = off[i];
-      if (i == 0 && o != 0) best = min(best, err_key(kErrOffsetsStart, 0));
-      if (i > 0 && o < off[i - 1]) best = min(best, err_key(kErrOffsetsDecreasing, i));
-      if (i == count - 1 && (include_last ? o != n : o > n)) best = min(best, err_key(kErrLastOffset, i));
-    }
-    if (i < n) {
-      if (psw != nullptr && !is_finite_f(to_f(psw[i]))) best = min(best, err_key(kErrWeightNotFinite, 0));
-      const long long id = static_cast<long long>(ids[i]);
-      if (id < 0 || static_cast<unsigned long long>(id) >= N) {
-        ++dropped;
-        if (record_ids) best = min(best, err_key(kErrIdOutOfRange, i));
-      }
-    }
+    check_position<T, Id>(i, ids, n, off, count, include_last, psw, N, record_ids, best, dropped);
   }
   if (best != kNoErrorKey) atomicMin(&rec->key, best);
   if (dropped != 0) atomicAdd(&rec->dropped, dropped);
@@ -50,46 +86,103 @@ __global__ void validate_kernel(const Id* __restrict__ ids, int64_t n, const int
 template <typename Id>
 __global__ void finalize_record_kernel(const Id* __restrict__ ids, const int64_t* __restrict__ off,
                                        ErrorRecord* rec) {
-  const unsigned long long key = rec->key;
-  if (key == kNoErrorKey) return;
-  const unsigned long long kind = key >> kErrorKindShift;
-  const int64_t pos = static_cast<int64_t>(key & kErrorPosMask);
-  long long v0 = 0, v1 = 0;
-  if (kind == kErrOffsetsStart) v0 = off[0];
-  if (kind == kErrOffsetsDecreasing) {
-    v0 = off[pos];
-    v1 = off[pos - 1];
+  record_values<Id>(rec->key, ids, off, rec);
+}
+
+// Small batches: the whole record in one launch of one block (no init / finalize launches).
+constexpr int kValidateBlock = 1024;
+constexpr int64_t kValidateOneBlockMax = 32 * kValidateBlock;  // positions (ids or offsets)
+
+template <typename T, typename Id>
+__global__ void validate_block_kernel(const Id* __restrict__ ids, int64_t n, const int64_t* __restrict__ off,
+                                      int64_t count, bool include_last, const T* __restrict__ psw,
+                                      unsigned long long N, bool record_ids, ErrorRecord* rec) {
+  __shared__ unsigned long long block_best, block_dropped;
+  if (threadIdx.x == 0) {
+    block_best = kNoErrorKey;
+    block_dropped = 0;
   }
-  if (kind == kErrLastOffset) v0 = off[pos];
-  if (kind == kErrIdOutOfRange) v0 = static_cast<long long>(ids[pos]);
-  rec->value0 = static_cast<unsigned long long>(v0);
-  rec->value1 = static_cast<unsigned long long>(v1);
+  __syncthreads();
+  unsigned long long best = kNoErrorKey, dropped = 0;
+  const int64_t total = n > count ? n : count;
+  for (int64_t i = threadIdx.x; i < total; i += blockDim.x) {
+    check_position<T, Id>(i, ids, n, off, count, include_last, psw, N, record_ids, best, dropped);
+  }
+  if (best != kNoErrorKey) atomicMin(&block_best, best);
+  if (dropped != 0) atomicAdd(&block_dropped, dropped);
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    rec->key = block_best;
+    rec->dropped = block_dropped;
+    record_values<Id>(block_best, ids, off, rec);
+  }
 }
 
 // ---- plan kernels -----------------------------------------------------------------------------------
 
+// Sort keys (dropped ids get the sentinel N, sorted last), their positions, and each position's bag
+// (for backward; computed here, per position anyway, to save backward a launch).
 template <typename Id>
-__global__ void make_keys_kernel(const Id* __restrict__ ids, int n, unsigned long long N,
-                                 unsigned long long* __restrict__ keys, int* __restrict__ pos) {
+__global__ void make_keys_kernel(const Id* __restrict__ ids, int n, unsigned long long N, Bags bg,
+                                 unsigned long long* __restrict__ keys, int* __restrict__ pos,
+                                 int* __restrict__ bag_of) {
   for (int64_t i = grid_start(); i < n; i += grid_stride()) {
     const long long id = static_cast<long long>(ids[i]);
     keys[i] = (id >= 0 && static_cast<unsigned long long>(id) < N) ? static_cast<unsigned long long>(id) : N;
     pos[i] = static_cast<int>(i);
+    bag_of[i] = bag_of_position(bg, static_cast<int>(i));
   }
 }
 
-// flags[k * n + i] = 1 where sorted id i starts a new prefix of length k+1.
-__global__ void mark_kernel(Geo g, const unsigned long long* __restrict__ keys, int n, int* __restrict__ flags) {
-  for (int64_t i = grid_start(); i < n; i += grid_stride()) {
-    const unsigned long long key = keys[i];
-    const bool valid = key < g.N;
-    const unsigned long long prev = i > 0 ? keys[i - 1] : 0ull;
-    for (int k = 0; k < g.d; ++k) {
-      int f = 0;
-      if (valid) f = (i == 0 || key / g.div[k] != prev / g.div[k]) ? 1 : 0;
-      flags[int64_t(k) * n + i] = f;
-    }
+// ---- the prefix tree's counts: every level's "new node" flags scanned in one pass ----------------------
+// incl[k][i] = number of distinct prefixes of length k+1 among sorted ids 0..i (dropped ids, sorted
+// last, add none). One CUB scan over per-id vectors of d flags, read off the sorted keys on the fly and
+// written straight into the per-level arrays, replaces a flag kernel and d scans (2d + 1 launches).
+
+struct LevelCounts {
+  int c[kMaxCores];
+};
+
+struct AddLevelCounts {
+  __host__ __device__ LevelCounts operator()(const LevelCounts& a, const LevelCounts& b) const {
+    LevelCounts r;
+#pragma unroll
+    for (int k = 0; k < kMaxCores; ++k) r.c[k] = a.c[k] + b.c[k];
+    return r;
   }
+};
+
+// Sorted id i's flags: 1 at level k where it starts a new prefix of length k+1.
+struct NewNodeFlags {
+  Geo g;
+  const unsigned long long* keys;
+  __host__ __device__ LevelCounts operator()(int i) const {
+    LevelCounts f{};
+    const unsigned long long key = keys[i];
+    if (key >= g.N) return f;
+    const unsigned long long prev = i > 0 ? keys[i - 1] : 0ull;
+    for (int k = 0; k < g.d; ++k) f.c[k] = (i == 0 || key / g.div[k] != prev / g.div[k]) ? 1 : 0;
+    return f;
+  }
+};
+
+struct StoreLevelCounts {
+  int* incl[kMaxCores];
+  int d;
+  __host__ __device__ void operator()(int i, const LevelCounts& v) const {
+    for (int k = 0; k < d; ++k) incl[k][i] = v.c[k];
+  }
+};
+
+// The scan (temp == nullptr: CUB's temp-storage query, as every CUB call).
+inline cudaError_t scan_levels(void* temp, size_t& temp_bytes, const Geo& g, const unsigned long long* keys,
+                               int* const* incl, int n, cudaStream_t stream) {
+  StoreLevelCounts store{};
+  store.d = g.d;
+  for (int k = 0; k < g.d; ++k) store.incl[k] = incl[k];
+  const auto flags = thrust::make_transform_iterator(thrust::counting_iterator<int>(0), NewNodeFlags{g, keys});
+  return cub::DeviceScan::InclusiveScan(temp, temp_bytes, flags, thrust::make_tabulate_output_iterator(store),
+                                        AddLevelCounts{}, n, stream);
 }
 
 struct PlanOut {
@@ -97,7 +190,7 @@ struct PlanOut {
   int* slot;
 };
 
-__global__ void scatter_kernel(Geo g, Plan pl, PlanOut po, const int* __restrict__ flags) {
+__global__ void scatter_kernel(Geo g, Plan pl, PlanOut po) {
   const int n = pl.n;
   for (int64_t i = grid_start(); i < n; i += grid_stride()) {
     const unsigned long long key = pl.keys[i];
@@ -107,7 +200,8 @@ __global__ void scatter_kernel(Geo g, Plan pl, PlanOut po, const int* __restrict
       continue;
     }
     for (int k = 0; k < g.d; ++k) {
-      if (flags[int64_t(k) * n + i]) po.first[k][pl.incl[k][i] - 1] = static_cast<int>(i);
+      const int c = pl.incl[k][i];
+      if (c != (i > 0 ? pl.incl[k][i - 1] : 0)) po.first[k][c - 1] = static_cast<int>(i);  // a new node
     }
     po.slot[p] = pl.incl[g.d - 1][i] - 1;
     if (i + 1 == n || pl.keys[i + 1] >= g.N) {  // last valid id: close every level's CSR
@@ -161,29 +255,37 @@ __global__ void chain_kernel(Plan pl, int k, const T* __restrict__ core, const f
   }
 }
 
-// Number of kept (valid) ids per bag; one warp per bag.
+// Number of kept (valid) ids in bag b (every lane of the warp gets it).
+__device__ __forceinline__ int kept_in_bag(const int* __restrict__ slot, int s, int e, int lane) {
+  int c = 0;
+  for (int p = s + lane; p < e; p += kWarp) c += slot[p] >= 0 ? 1 : 0;
+  return warp_sum(c);
+}
+
+// bag_count[b] = kept ids of bag b; one warp per bag (backward's own plan: forward's pool writes them).
 __global__ void bag_count_kernel(Bags bg, const int* __restrict__ slot, int* __restrict__ bag_count) {
   const int lane = threadIdx.x % kWarp;
   for (int64_t b = warp_start(); b < bg.num_bags; b += warp_stride()) {
     int s, e;
     bag_range(bg, b, s, e);
-    int c = 0;
-    for (int p = s + lane; p < e; p += kWarp) c += slot[p] >= 0 ? 1 : 0;
-    c = warp_sum(c);
+    const int c = kept_in_bag(slot, s, e, lane);
     if (lane == 0) bag_count[b] = c;
   }
 }
 
-// out[b] = sum over kept ids of coef * row; one warp per bag, ids in position order (deterministic).
+// out[b] = sum over kept ids of coef * row, and bag_count[b] for backward; one warp per bag, ids in
+// position order (deterministic).
 template <typename T>
-__global__ void pool_kernel(Bags bg, const int* __restrict__ slot, const int* __restrict__ bag_count,
+__global__ void pool_kernel(Bags bg, const int* __restrict__ slot, int* __restrict__ bag_count,
                             const T* __restrict__ psw, const float* __restrict__ rows, int D, bool mean,
                             T* __restrict__ out) {
   const int lane = threadIdx.x % kWarp;
   for (int64_t b = warp_start(); b < bg.num_bags; b += warp_stride()) {
     int s, e;
     bag_range(bg, b, s, e);
-    const float cnt = static_cast<float>(bag_count[b]);
+    const int kept = kept_in_bag(slot, s, e, lane);
+    if (lane == 0) bag_count[b] = kept;
+    const float cnt = static_cast<float>(kept);
     for (int c = lane; c < D; c += kWarp) {
       float acc = 0.f;
       for (int p = s; p < e; ++p) {
@@ -206,9 +308,13 @@ struct GroupLayout {
   int64_t seg_off[kMaxCores + 1];    // level k's digits are segments [seg_off[k], seg_off[k+1])
 };
 
-// Sort keys of every level's nodes (values: the node number within its level).
-__global__ void group_keys_kernel(Plan pl, GroupLayout gl, unsigned int* __restrict__ keys, int* __restrict__ vals) {
+// Sort keys of every level's nodes (values: the node number within its level); also zeroes the
+// segment bounds that group_segments_kernel fills after the sort (an absent digit stays empty).
+__global__ void group_keys_kernel(Plan pl, GroupLayout gl, unsigned int* __restrict__ keys, int* __restrict__ vals,
+                                  int* __restrict__ seg) {
   const int64_t total = gl.node_off[gl.d];
+  const int64_t seg_entries = 2 * gl.seg_off[gl.d];
+  for (int64_t x = grid_start(); x < seg_entries; x += grid_stride()) seg[x] = 0;
   for (int64_t x = grid_start(); x < total; x += grid_stride()) {
     int k = 0;
     while (x >= gl.node_off[k + 1]) ++k;
@@ -221,7 +327,7 @@ __global__ void group_keys_kernel(Plan pl, GroupLayout gl, unsigned int* __restr
 }
 
 // After the sort: the nodes of level k with digit v are sorted entries [seg_start[s], seg_end[s]),
-// s = seg_off[k] + v (both zeroed beforehand: an absent digit is an empty segment).
+// s = seg_off[k] + v (both zeroed by group_keys_kernel: an absent digit is an empty segment).
 __global__ void group_segments_kernel(GroupLayout gl, const unsigned int* __restrict__ keys, int* __restrict__ seg_start,
                                       int* __restrict__ seg_end) {
   const int64_t total = gl.node_off[gl.d];

@@ -94,12 +94,12 @@ struct Carver {
 struct PlanWorkspace {
   unsigned long long *keys_in, *keys_out;
   int *pos_in, *pos_out;
-  int* flags;
   int* incl[kMaxCores];
   int* first[kMaxCores];
   int* digit[kMaxCores];
   int* parent[kMaxCores];
   int* slot;
+  int* bag_of;  // each position's bag (-1: in none)
   int* bag_count;
   float* P[kMaxCores];
   // nodes of every level grouped by digit (built by backward)
@@ -112,7 +112,6 @@ struct PlanWorkspace {
 
 // Backward's own buffers.
 struct GradWorkspace {
-  int* bag_of;
   float *dA, *dB;   // dP_k of two consecutive levels
   float* dchild;    // per level-k node: its share of dP_{k-1}
   float* scratch;
@@ -144,7 +143,8 @@ size_t plan_temp_bytes(const Sizes& sz) {
                                     static_cast<int*>(nullptr), sz.n, 0, sz.id_bits);
     best = bytes > best ? bytes : best;
     bytes = 0;
-    cub::DeviceScan::InclusiveSum(nullptr, bytes, static_cast<const int*>(nullptr), static_cast<int*>(nullptr), sz.n);
+    int* no_levels[kMaxCores] = {};
+    scan_levels(nullptr, bytes, Geo{}, nullptr, no_levels, sz.n, nullptr);
     best = bytes > best ? bytes : best;
     bytes = 0;
     cub::DeviceRadixSort::SortPairs(nullptr, bytes, static_cast<const unsigned int*>(nullptr),
@@ -162,7 +162,6 @@ size_t carve_plan(const BatchDesc& b, const Sizes& sz, void* base, PlanWorkspace
   w.keys_out = cv.take<unsigned long long>(n);
   w.pos_in = cv.take<int>(n);
   w.pos_out = cv.take<int>(n);
-  w.flags = cv.take<int>(int64_t(sz.d) * n);
   for (int k = 0; k < sz.d; ++k) {
     w.incl[k] = cv.take<int>(n);
     w.first[k] = cv.take<int>(sz.bound[k] + 1);
@@ -171,6 +170,7 @@ size_t carve_plan(const BatchDesc& b, const Sizes& sz, void* base, PlanWorkspace
     w.P[k] = cv.take<float>(sz.bound[k] * sz.node[k]);
   }
   w.slot = cv.take<int>(n);
+  w.bag_of = cv.take<int>(n);
   w.bag_count = cv.take<int>(b.num_bags);
   w.gkeys_in = cv.take<unsigned int>(sz.group_nodes());
   w.gkeys_out = cv.take<unsigned int>(sz.group_nodes());
@@ -191,7 +191,6 @@ size_t carve_grad(const TTDims& t, const Sizes& sz, void* base, GradWorkspace* w
     const int64_t c = sz.bound[k] * sz.m[k - 1] * t.r[k];
     child = c > child ? c : child;
   }
-  w.bag_of = cv.take<int>(sz.n);
   w.dA = cv.take<float>(sz.max_level);
   w.dB = cv.take<float>(sz.max_level);
   w.dchild = cv.take<float>(child);

@@ -219,6 +219,58 @@ __global__ void child_grad_kernel(Plan pl, LevelArgs a, int chunk, const T* __re
   }
 }
 
+// child_grad_kernel for levels with a long reduction (nk >= 32) and wide ranks (rk >= 16), where its
+// 4 x 4 tiles leave most threads idle (config (b), level 1: 8 tiles per node, 88 per 256 threads).
+// One block per digit stages the slice transposed (nk rows of rk, odd stride); each warp takes one
+// node at a time, lane l computing columns t = l, l + 32, ... of up to 4 rows: per c, the 4 dP_k
+// values are broadcast loads (same address in every lane) and the slice value a conflict-free
+// shared load. Each output is summed over c in ascending order, as in child_grad_kernel.
+constexpr int kChildRows = 4;
+
+template <typename T>
+__global__ void child_grad_warp_kernel(Plan pl, LevelArgs a, const T* __restrict__ core, float* __restrict__ dchild) {
+  extern __shared__ float g_t[];
+  const int v = blockIdx.x;
+  const int s = a.seg_start[v], e = a.seg_end[v];
+  if (s >= e) return;  // block-uniform
+  const int nk = a.nk, rk = a.rk, ld = odd_stride(rk);
+  const T* G = core + int64_t(v) * rk * nk;
+  for (int x = threadIdx.x; x < rk * nk; x += blockDim.x) {  // G[t][c] -> g_t[c][t], coalesced reads
+    const int t = x / nk;
+    g_t[(x - t * nk) * ld + t] = to_f(G[x]);
+  }
+  __syncthreads();
+  const int lane = threadIdx.x % kWarp, warps = blockDim.x / kWarp;
+  const int s_k = a.m_prev * nk;
+  for (int o = s + static_cast<int>(threadIdx.x) / kWarp; o < e; o += warps) {
+    const int j = a.order[o];
+    const float* dp = a.dp + int64_t(j) * s_k;
+    float* out = dchild + int64_t(j) * a.m_prev * rk;
+    for (int am0 = 0; am0 < a.m_prev; am0 += kChildRows) {
+      const int am_n = a.m_prev - am0 < kChildRows ? a.m_prev - am0 : kChildRows;
+      const float* drow = dp + int64_t(am0) * nk;
+      for (int t = lane; t - lane < rk; t += kWarp) {  // warp-uniform trip count
+        const bool live = t < rk;
+        float acc[kChildRows] = {};
+#pragma unroll 4
+        for (int c = 0; c < nk; ++c) {
+          const float g = live ? g_t[c * ld + t] : 0.f;
+#pragma unroll
+          for (int i = 0; i < kChildRows; ++i) {
+            if (i < am_n) acc[i] += __ldg(drow + i * nk + c) * g;
+          }
+        }
+        if (live) {
+#pragma unroll
+          for (int i = 0; i < kChildRows; ++i) {
+            if (i < am_n) out[int64_t(am0 + i) * rk + t] = acc[i];
+          }
+        }
+      }
+    }
+  }
+}
+
 // dP_{k-1}[jp] = sum of dchild over the children of jp (contiguous node numbers, summed in order:
 // deterministic). One thread per output element.
 __global__ void dprev_reduce_kernel(Plan pl, int k, const float* __restrict__ dchild, float* __restrict__ dprev,

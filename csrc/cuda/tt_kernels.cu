@@ -144,10 +144,17 @@ cudaError_t backward_level(const TTDims& t, const Sizes& sz, int k, const Plan& 
   a.dp = d_cur;
   const unsigned digits = static_cast<unsigned>(t.p[k]);
   if (k > 0) {  // dP_{k-1}: the last read of core k, before its update below
-    const int64_t slice_bytes = int64_t(sizeof(float)) * rk * odd_stride(nk);
-    const int chunk = chunk_for(slice_bytes, int64_t(sizeof(float)) * m_prev * nk);
-    const size_t smem = chunk > 0 ? static_cast<size_t>(slice_bytes + int64_t(sizeof(float)) * chunk * m_prev * nk) : 0;
-    child_grad_kernel<T><<<digits, kWarpBlock, smem, stream>>>(pl, a, chunk, core, gw.dchild);
+    const int64_t transposed_bytes = int64_t(sizeof(float)) * nk * odd_stride(rk);
+    if (nk >= 32 && rk >= 16 && transposed_bytes <= kStageBytes) {  // long reductions, wide ranks
+      child_grad_warp_kernel<T><<<digits, kWarpBlock, static_cast<size_t>(transposed_bytes), stream>>>(pl, a, core,
+                                                                                                    gw.dchild);
+    } else {
+      const int64_t slice_bytes = int64_t(sizeof(float)) * rk * odd_stride(nk);
+      const int chunk = chunk_for(slice_bytes, int64_t(sizeof(float)) * m_prev * nk);
+      const size_t smem =
+          chunk > 0 ? static_cast<size_t>(slice_bytes + int64_t(sizeof(float)) * chunk * m_prev * nk) : 0;
+      child_grad_kernel<T><<<digits, kWarpBlock, smem, stream>>>(pl, a, chunk, core, gw.dchild);
+    }
     TT_LAUNCHED();
     const int per_node = m_prev * rk;
     dprev_reduce_kernel<<<grid_for(sz.bound[k - 1] * per_node, kFlatBlock), kFlatBlock, 0, stream>>>(

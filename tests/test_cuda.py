@@ -197,13 +197,17 @@ WIDE = [  # core slices of 64 x 256 (more than a block holds in one pass or in s
     wide_case(1, [300, 2], [8, 17], [1, 16, 1], 600, 4),
     hot_case(2),
     # level 1 takes the warp-per-node parent-gradient kernel (nk = 36 >= 32, rk = 40 >= 16): two
-    # column groups of 32 lanes, rows in groups of 4 and 2 (m_prev = 6), several nodes per warp
+    # column groups of 32 lanes, rows in groups of 4 and 2 (m_prev = 6), several nodes per warp; its
+    # forward chain the 4-rows-per-thread kernel
     wide_case(3, [40, 6, 3], [6, 3, 2], [1, 40, 12, 1], 300, 4),
+    # the same kernels with an odd nk (33) and one group of 3 rows
+    wide_case(4, [30, 5, 2], [3, 11, 2], [1, 20, 3, 1], 200, 3),
 ]
 
 
 @pytest.mark.parametrize("name", [None, "sgd", "rowwise_adagrad"])
-@pytest.mark.parametrize("c", WIDE, ids=["wide_slices", "many_nodes_per_digit", "hot_ids", "warp_parent_grads"])
+@pytest.mark.parametrize("c", WIDE, ids=["wide_slices", "many_nodes_per_digit", "hot_ids", "warp_parent_grads",
+                                     "warp_parent_grads_odd"])
 def test_wide_shapes_match_cpu(name, c):
     close(run_forward(c, DEV), run_forward(c, "cpu"), 1e-4)
     grad = torch.randn(c["num_bags"], c["dim"], generator=torch.Generator().manual_seed(3), dtype=torch.float64)

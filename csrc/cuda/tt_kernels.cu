@@ -115,8 +115,14 @@ cudaError_t build_plan(const TTDims& t, const Sizes& sz, const Bags& bg, const I
     const int m_prev = k == 0 ? 1 : static_cast<int>(sz.m[k - 1]);
     const int rk = static_cast<int>(t.r[k]);
     const int nk = static_cast<int>(t.q[k] * t.r[k + 1]);
-    chain_kernel<T><<<grid_for(sz.bound[k], 1), threads_for(int64_t(m_prev) * nk), 0, stream>>>(
-        pl, k, cores.ptr[k], k == 0 ? nullptr : w.P[k - 1], w.P[k], m_prev, rk, nk);
+    if (nk >= 32 && m_prev >= 2) {  // wide slices: 4 rows per thread
+      const int groups = (m_prev + 3) / 4;
+      chain_kernel<T, 4><<<grid_for(sz.bound[k], 1), threads_for(int64_t(groups) * nk), 0, stream>>>(
+          pl, k, cores.ptr[k], k == 0 ? nullptr : w.P[k - 1], w.P[k], m_prev, rk, nk);
+    } else {
+      chain_kernel<T, 1><<<grid_for(sz.bound[k], 1), threads_for(int64_t(m_prev) * nk), 0, stream>>>(
+          pl, k, cores.ptr[k], k == 0 ? nullptr : w.P[k - 1], w.P[k], m_prev, rk, nk);
+    }
     TT_LAUNCHED();
   }
   return cudaSuccess;

@@ -229,13 +229,16 @@ __global__ void node_info_kernel(Geo g, Plan pl, NodeOut no, int64_t max_bound) 
 // ---- forward ---------------------------------------------------------------------------------------
 
 // P_k[j] = P_{k-1}[parent] (m_prev x rk) @ G_k[digit] (rk x nk), one block per node; level 0 copies
-// the core slice. Outputs are fp32, m_prev x nk = (q_0..q_k) x r_{k+1}.
-template <typename T>
+// the core slice. Outputs are fp32, m_prev x nk = (q_0..q_k) x r_{k+1}. Each thread computes
+// column c of ROWS consecutive rows: a slice value read once (coalesced over c) feeds ROWS FMAs
+// (ROWS = 4 for wide slices, where the slice reads dominate; 1 for narrow ones, to keep threads busy).
+template <typename T, int ROWS>
 __global__ void chain_kernel(Plan pl, int k, const T* __restrict__ core, const float* __restrict__ p_in,
                              float* __restrict__ p_out, int m_prev, int rk, int nk) {
   const int cnt = level_count(pl, k);
   const int64_t slice = int64_t(rk) * nk;
   const int64_t s_in = int64_t(m_prev) * rk, s_out = int64_t(m_prev) * nk;
+  const int row_groups = (m_prev + ROWS - 1) / ROWS;
   for (int64_t j = blockIdx.x; j < cnt; j += gridDim.x) {
     const T* G = core + pl.digit[k][j] * slice;
     float* out = p_out + j * s_out;
@@ -244,13 +247,23 @@ __global__ void chain_kernel(Plan pl, int k, const T* __restrict__ core, const f
       continue;
     }
     const float* P = p_in + int64_t(pl.parent[k][j]) * s_in;
-    for (int64_t idx = threadIdx.x; idx < s_out; idx += blockDim.x) {
-      const int64_t a = idx / nk, c = idx - a * nk;
-      const float* pa = P + a * rk;
-      float acc = 0.f;
+    for (int idx = threadIdx.x; idx < row_groups * nk; idx += blockDim.x) {
+      const int a0 = idx / nk * ROWS, c = idx - idx / nk * nk;
+      const int a_n = m_prev - a0 < ROWS ? m_prev - a0 : ROWS;
+      const float* pa = P + int64_t(a0) * rk;
+      float acc[ROWS] = {};
 #pragma unroll 8
-      for (int t = 0; t < rk; ++t) acc += pa[t] * to_f(G[int64_t(t) * nk + c]);  // loads in flight together
-      out[idx] = acc;
+      for (int t = 0; t < rk; ++t) {  // loads of several t in flight together
+        const float g = to_f(G[int64_t(t) * nk + c]);
+#pragma unroll
+        for (int i = 0; i < ROWS; ++i) {
+          if (i < a_n) acc[i] += __ldg(pa + int64_t(i) * rk + t) * g;
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < ROWS; ++i) {
+        if (i < a_n) out[int64_t(a0 + i) * nk + c] = acc[i];
+      }
     }
   }
 }

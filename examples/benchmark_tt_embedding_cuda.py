@@ -13,7 +13,7 @@ Configs:
       512 bags x 20 ids, ids uniform by default (--dist-b zipf for Zipf(1.05)).
 Zipf ranks are scattered over the table by a fixed random permutation (hot ids do not all share
 prefixes). The batch is fixed across iterations. Timing: CUDA events around each step, warm-up,
-median of --iters (>= 20) steps.
+median of --iters (>= 20) steps, the methods taking turns step by step (so host noise hits them alike).
 
     python examples/benchmark_tt_embedding_cuda.py --json out.json --markdown out.md
 """
@@ -57,29 +57,43 @@ def make_batch(cfg, device):
     return ids.long(), offsets.long()
 
 
-def time_steps(step, iters: int, warmup: int) -> float:
-    for _ in range(warmup):
-        step()
+def timed(step) -> float:
+    """ms of one step: CUDA events around it (host time counts when the GPU waits for it)."""
     if DEVICE == "cpu":
-        times = []
-        for _ in range(iters):
-            t0 = time.perf_counter()
-            step()
-            times.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(times)
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+        t0 = time.perf_counter()
         step()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+        return (time.perf_counter() - t0) * 1e3
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    step()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
 
 
-def bench_dense(cfg, ids, offsets, grad, iters, warmup):
+def time_interleaved(steps: dict, iters: int, warmup: int, errors: dict) -> dict:
+    """Median ms per step of each method, the methods taking turns step by step (the first one moves
+    round each iteration): a burst of load on the host hits every method alike, so the ratios hold
+    even when absolute times drift between runs. A method that fails in warm-up goes to ``errors``."""
+    names = []
+    for name, step in steps.items():
+        try:
+            for _ in range(warmup):
+                step()
+            names.append(name)
+        except Exception as e:  # noqa: BLE001  (one failing method must not hide the others)
+            errors[name] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+    times = {name: [] for name in names}
+    for i in range(iters):
+        for j in range(len(names)):
+            name = names[(i + j) % len(names)]
+            times[name].append(timed(steps[name]))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def dense_step(cfg, ids, offsets, grad):
     emb = torch.nn.EmbeddingBag(cfg["num_rows"], cfg["dim"], mode="sum", sparse=True, device=DEVICE)
     opt = torch.optim.SGD(emb.parameters(), lr=LR)
 
@@ -88,12 +102,7 @@ def bench_dense(cfg, ids, offsets, grad, iters, warmup):
         emb(ids, offsets).backward(grad)
         opt.step()
 
-    try:
-        return time_steps(step, iters, warmup)
-    finally:
-        del emb, opt
-        if DEVICE == "cuda":
-            torch.cuda.empty_cache()
+    return step
 
 
 def tt_module(cfg, optimizer):
@@ -102,7 +111,7 @@ def tt_module(cfg, optimizer):
                           tt_q_shapes=cfg["q"], mode="sum", optimizer=optimizer, device=DEVICE)
 
 
-def bench_autograd(lookup, cfg, grad, iters, warmup):
+def autograd_step(lookup, cfg, grad):
     """A step of a TT lookup with dense core gradients: lookup(cores) -> pooled, backward, torch SGD."""
     cores = list(tt_module(cfg, None).cores)
     opt = torch.optim.SGD(cores, lr=LR)
@@ -112,28 +121,28 @@ def bench_autograd(lookup, cfg, grad, iters, warmup):
         lookup(cores).backward(grad)
         opt.step()
 
-    return time_steps(step, iters, warmup)
+    return step
 
 
-def bench_naive(cfg, ids, offsets, grad, iters, warmup):
-    return bench_autograd(lambda cores: tt_embedding_bag_reference(cores, ids, offsets, None, "sum", False),
-                          cfg, grad, iters, warmup)
+def naive_step(cfg, ids, offsets, grad):
+    return autograd_step(lambda cores: tt_embedding_bag_reference(cores, ids, offsets, None, "sum", False),
+                         cfg, grad)
 
 
-def bench_ours_dense(cfg, ids, offsets, grad, iters, warmup):
-    return bench_autograd(lambda cores: tt_embedding_bag(cores, ids, offsets, num_embeddings=cfg["num_rows"],
-                                                         mode="sum", bounds_check_mode="ignore"),
-                          cfg, grad, iters, warmup)
+def ours_dense_step(cfg, ids, offsets, grad):
+    return autograd_step(lambda cores: tt_embedding_bag(cores, ids, offsets, num_embeddings=cfg["num_rows"],
+                                                        mode="sum", bounds_check_mode="ignore"),
+                         cfg, grad)
 
 
-def bench_ours(cfg, ids, offsets, grad, iters, warmup, bounds_check_mode="ignore"):
+def ours_step(cfg, ids, offsets, grad, bounds_check_mode="ignore"):
     t = tt_module(cfg, FusedOptimizerConfig("sgd", learning_rate=LR))
     t.bounds_check_mode = torchrec_tt.ops.BoundsCheckMode.parse(bounds_check_mode)
 
     def step():
         t(ids, offsets).backward(grad)
 
-    return time_steps(step, iters, warmup)
+    return step
 
 
 def row_flops(q, r):
@@ -168,22 +177,21 @@ def run(args):
         grad = torch.randn(cfg["bags"], cfg["dim"], device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(1))
         r = [1] + [cfg["rank"]] * (len(cfg["p"]) - 1) + [1]
         res = dict(config=key, name=cfg["name"], ids=n, unique_ids=unique, ms={}, errors={})
-        benches = [("dense", bench_dense), ("naive_tt", bench_naive), ("ours_dense", bench_ours_dense),
-                   ("ours", bench_ours)]
-        for label, fn in benches:
-            t0 = time.time()
+        makers = [("dense", dense_step), ("naive_tt", naive_step), ("ours_dense", ours_dense_step),
+                  ("ours", ours_step),
+                  ("ours_checked", lambda *a: ours_step(*a, bounds_check_mode="error"))]  # one D2H copy per step
+        steps = {}
+        for label, make in makers:
             try:
-                res["ms"][label] = fn(cfg, ids, offsets, grad, args.iters, args.warmup)
+                steps[label] = make(cfg, ids, offsets, grad)
             except Exception as e:  # noqa: BLE001  (one failing method must not hide the others)
                 res["errors"][label] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
-            if DEVICE == "cuda":
-                torch.cuda.empty_cache()
-            print(f"  [{key}] {label}: {res['ms'].get(label, res['errors'].get(label))} ({time.time() - t0:.1f}s)",
-                  flush=True)
-        try:  # the error-mode bounds check costs one small D2H copy per forward
-            res["ms"]["ours_checked"] = bench_ours(cfg, ids, offsets, grad, args.iters, args.warmup, "error")
-        except Exception as e:  # noqa: BLE001
-            res["errors"]["ours_checked"] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+        t0 = time.time()
+        res["ms"] = time_interleaved(steps, args.iters, args.warmup, res["errors"])
+        print(f"  [{key}] {res['ms']} ({time.time() - t0:.1f}s)", flush=True)
+        del steps
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
         ms = res["ms"]
         if "ours" in ms:
             if "dense" in ms:

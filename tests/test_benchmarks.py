@@ -1,0 +1,42 @@
+"""The CUDA benchmark script's logic, dry-run on the CPU (tiny table): every method is timed, in turns,
+and one failing method is reported without hiding the others."""
+import json
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
+import benchmark_tt_embedding_cuda as bench  # noqa: E402
+
+
+@pytest.fixture
+def on_cpu(monkeypatch):
+    monkeypatch.setattr(bench, "DEVICE", "cpu")
+
+
+def test_methods_take_turns_and_failures_are_reported(on_cpu):
+    calls, errors = [], {}
+
+    def method(name):
+        return lambda: calls.append(name)
+
+    def broken():
+        raise RuntimeError("out of memory")
+
+    ms = bench.time_interleaved({"a": method("a"), "b": method("b"), "bad": broken}, iters=20, warmup=2,
+                                errors=errors)
+    assert set(ms) == {"a", "b"} and errors == {"bad": "RuntimeError: out of memory"}
+    timed = calls[4:]  # after the warm-up steps (2 per method)
+    assert len(timed) == 40 and timed[:4] == ["a", "b", "b", "a"]  # the first method moves round
+
+
+def test_dry_run_writes_every_method(on_cpu, tmp_path, monkeypatch):
+    out = tmp_path / "bench.json"
+    monkeypatch.setattr(sys, "argv", ["bench", "--device", "cpu", "--configs", "tiny", "--iters", "20",
+                                      "--warmup", "1", "--json", str(out)])
+    assert bench.main() == 0
+    res = json.loads(out.read_text())["results"][0]
+    assert res["errors"] == {}
+    assert set(res["ms"]) == {"dense", "naive_tt", "ours_dense", "ours", "ours_checked"}
+    assert res["ours_over_dense"] == pytest.approx(res["ms"]["ours"] / res["ms"]["dense"])

@@ -24,18 +24,6 @@ using torch::autograd::variable_list;
 constexpr size_t kScalarArgsPlain = 5;  // num_embeddings .. table_name
 constexpr size_t kScalarArgsFused = 8;  // num_embeddings .. table_name, with optimizer, lr, eps
 
-c10::TypedOperatorHandle<at::Tensor(at::TensorList, const at::Tensor&, const at::Tensor&,
-                                    const std::optional<at::Tensor>&, int64_t, int64_t, bool, int64_t,
-                                    c10::string_view)>
-lookup_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("torchrec_tt::tt_embedding_bag", "")
-                             .typed<at::Tensor(at::TensorList, const at::Tensor&, const at::Tensor&,
-                                               const std::optional<at::Tensor>&, int64_t, int64_t, bool, int64_t,
-                                               c10::string_view)>();
-  return op;
-}
-
 // Saved arguments shared by the three formulas.
 void save_common(AutogradContext* ctx, int64_t num_embeddings, int64_t pooling_mode, bool include_last_offset,
                  c10::string_view table_name) {
@@ -54,6 +42,26 @@ void save_optimizer(AutogradContext* ctx, at::TensorList cores, at::TensorList o
   ctx->saved_data["eps"] = eps;
 }
 
+// What a fused backward reads back: save_common's and save_optimizer's values.
+struct FusedArgs {
+  std::vector<at::Tensor> cores, state;
+  int64_t num_embeddings, pooling_mode;
+  bool include_last_offset;
+  std::string optimizer, table;
+  double learning_rate, eps;
+
+  explicit FusedArgs(AutogradContext* ctx)
+      : cores(ctx->saved_data["cores"].toTensorVector()),
+        state(ctx->saved_data["optimizer_state"].toTensorVector()),
+        num_embeddings(ctx->saved_data["num_embeddings"].toInt()),
+        pooling_mode(ctx->saved_data["pooling_mode"].toInt()),
+        include_last_offset(ctx->saved_data["include_last_offset"].toBool()),
+        optimizer(ctx->saved_data["optimizer"].toStringRef()),
+        table(ctx->saved_data["table_name"].toStringRef()),
+        learning_rate(ctx->saved_data["learning_rate"].toDouble()),
+        eps(ctx->saved_data["eps"].toDouble()) {}
+};
+
 std::optional<at::Tensor> optional_tensor(const at::Tensor& t) {
   return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
 }
@@ -65,14 +73,19 @@ struct LookupFn : public torch::autograd::Function<LookupFn> {
                             const at::Tensor& offsets, const std::optional<at::Tensor>& psw, int64_t num_embeddings,
                             int64_t pooling_mode, bool include_last_offset, int64_t bounds_check_mode,
                             c10::string_view table_name) {
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("torchrec_tt::tt_embedding_bag", "")
+                               .typed<at::Tensor(at::TensorList, const at::Tensor&, const at::Tensor&,
+                                                 const std::optional<at::Tensor>&, int64_t, int64_t, bool, int64_t,
+                                                 c10::string_view)>();
     save_common(ctx, num_embeddings, pooling_mode, include_last_offset, table_name);
     ctx->saved_data["psw_grad"] = psw.has_value() && psw->requires_grad();
     variable_list saved{indices, offsets, psw.value_or(at::Tensor())};
     saved.insert(saved.end(), cores.begin(), cores.end());
     ctx->save_for_backward(saved);
     at::AutoDispatchBelowADInplaceOrView below;
-    return lookup_op().call(cores, indices, offsets, psw, num_embeddings, pooling_mode, include_last_offset,
-                            bounds_check_mode, table_name);
+    return op.call(cores, indices, offsets, psw, num_embeddings, pooling_mode, include_last_offset, bounds_check_mode,
+                   table_name);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad) {
@@ -136,18 +149,14 @@ struct FusedLookupFn : public torch::autograd::Function<FusedLookupFn> {
                         const std::optional<at::Tensor>&, int64_t, int64_t, bool, c10::string_view, double, double,
                         c10::string_view)>();
     const auto saved = ctx->get_saved_variables();
-    const auto cores = ctx->saved_data["cores"].toTensorVector();
-    const auto state = ctx->saved_data["optimizer_state"].toTensorVector();
+    const FusedArgs f(ctx);
     {
       at::NoGradGuard no_grad;
-      op.call(grad[0], cores, state, saved[0], saved[1], optional_tensor(saved[2]),
-              ctx->saved_data["num_embeddings"].toInt(), ctx->saved_data["pooling_mode"].toInt(),
-              ctx->saved_data["include_last_offset"].toBool(), ctx->saved_data["optimizer"].toStringRef(),
-              ctx->saved_data["learning_rate"].toDouble(), ctx->saved_data["eps"].toDouble(),
-              ctx->saved_data["table_name"].toStringRef());
+      op.call(grad[0], f.cores, f.state, saved[0], saved[1], optional_tensor(saved[2]), f.num_embeddings,
+              f.pooling_mode, f.include_last_offset, f.optimizer, f.learning_rate, f.eps, f.table);
     }
     // No gradient for any input: cores, state, indices, offsets, per_sample_weights, the scalars.
-    return variable_list(cores.size() + state.size() + 3 + kScalarArgsFused);
+    return variable_list(f.cores.size() + f.state.size() + 3 + kScalarArgsFused);
   }
 };
 
@@ -198,20 +207,17 @@ struct CachedLookupFn : public torch::autograd::Function<CachedLookupFn> {
                         const std::optional<at::Tensor>&, int64_t, int64_t, bool, c10::string_view, double, double,
                         c10::string_view)>();
     const auto saved = ctx->get_saved_variables();
-    const auto cores = ctx->saved_data["cores"].toTensorVector();
-    const auto state = ctx->saved_data["optimizer_state"].toTensorVector();
+    const FusedArgs f(ctx);
     const auto cache = ctx->saved_data["cache"].toTensorVector();
     {
       at::NoGradGuard no_grad;
-      op.call(grad[0], cores, state, cache[0], cache[1], cache[2], cache[3], saved[0], saved[1],
-              optional_tensor(saved[2]), ctx->saved_data["num_embeddings"].toInt(),
-              ctx->saved_data["pooling_mode"].toInt(), ctx->saved_data["include_last_offset"].toBool(),
-              ctx->saved_data["optimizer"].toStringRef(), ctx->saved_data["learning_rate"].toDouble(),
-              ctx->saved_data["eps"].toDouble(), ctx->saved_data["table_name"].toStringRef());
+      op.call(grad[0], f.cores, f.state, cache[0], cache[1], cache[2], cache[3], saved[0], saved[1],
+              optional_tensor(saved[2]), f.num_embeddings, f.pooling_mode, f.include_last_offset, f.optimizer,
+              f.learning_rate, f.eps, f.table);
     }
     // No gradient for any input: cores, state, the four cache tensors, indices, offsets,
     // per_sample_weights, the scalars.
-    return variable_list(cores.size() + state.size() + 7 + kScalarArgsFused);
+    return variable_list(f.cores.size() + f.state.size() + 7 + kScalarArgsFused);
   }
 };
 

@@ -6,7 +6,9 @@ EmbeddingBag step), and the CPU-side calls (CUDA runtime API included) sorted by
     PYTHONPATH=. python3 examples/profile_tt_embedding_cuda.py          # on a GPU machine, after building
 """
 import os
+import statistics
 import sys
+import time
 
 import torch
 from torch.autograd import DeviceType
@@ -48,8 +50,6 @@ for name in (("a", "b") if DEV == "cuda" else ("tiny",)):
 
 def host_times(fwd, bwd, iters=50):
     """Median host ms to issue a forward and its backward, each step starting on an idle GPU."""
-    import statistics
-    import time
     f_ms, b_ms = [], []
     for _ in range(iters + 5):
         sync()

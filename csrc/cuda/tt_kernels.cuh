@@ -11,7 +11,8 @@
 // Algorithm (no host synchronisation; every size below is bounded by host-known numbers):
 //   1. (id, position) pairs are radix-sorted; invalid ids get the sentinel N and sort last.
 //   2. Per level k, a flag marks the first sorted position of each distinct prefix (i_0..i_k);
-//      an inclusive scan turns flags into node numbers. The number of nodes of a level stays on
+//      one inclusive scan of every level's flags (read off the sorted keys) turns them into node
+//      numbers. The number of nodes of a level stays on
 //      the device (the last scan element); kernels are launched over the host bound
 //      B_k = min(n, p_0...p_k) and exit early.
 //   3. Forward: each distinct prefix product P_k (q_0..q_k x r_{k+1}, fp32) is computed once
@@ -21,8 +22,8 @@
 //      gradient is a segmented sum over its sorted occurrences; the levels are walked in reverse.
 //      Backward first groups every level's nodes by (level, digit) with one more radix sort.
 //      Per level k, one block per core slice v (a) computes for each node j with digit v its share
-//      dP_k[j] @ G_k[v]^T of its parent's gradient (slice staged once in shared memory, 4x4 tiles per
-//      thread), after which dP_{k-1}[parent] sums its children's shares in node order; then (b) sums
+//      dP_k[j] @ G_k[v]^T of its parent's gradient (slice staged once in shared memory; 4x4 tiles per
+//      thread, or a warp per node where the reduction is long and the rank wide), after which dP_{k-1}[parent] sums its children's shares in node order; then (b) sums
 //      dG_k[v] = sum_j P_{k-1}[parent_j]^T @ dP_k[j] in node order (E rows of one column per thread in
 //      registers; spare thread groups split the nodes, partial tiles added in split order). No
 //      floating-point atomics anywhere: results are bitwise reproducible. Fused mode applies the

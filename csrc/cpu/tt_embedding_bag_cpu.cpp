@@ -22,7 +22,8 @@
 namespace torchrec_tt::cpu {
 namespace {
 
-constexpr int64_t kNodeGrain = 8;
+constexpr int64_t kNodeGrain = 8;   // prefix-tree nodes: a small product each
+constexpr int64_t kRowGrain = 64;   // row gradients: a few sums each; fewer turns of the shared counter
 constexpr int64_t kBagGrain = 64;
 
 // Scratch buffers reused across calls on the calling thread (worker threads only see pointers).
@@ -190,7 +191,7 @@ void backward_impl(const TTShape& s, const TTPlan& plan, at::TensorList cores, c
   }
 
   // Cached rows: one gradient per unique cached id (distinct slots, so updates do not race).
-  parallel_chunks(0, plan.num_cached(), kNodeGrain, [&](int64_t lo, int64_t hi) {
+  parallel_chunks(0, plan.num_cached(), kRowGrain, [&](int64_t lo, int64_t hi) {
     thread_local std::vector<T> du;
     du.resize(D);
     for (int64_t c = lo; c < hi; ++c) {
@@ -203,7 +204,7 @@ void backward_impl(const TTShape& s, const TTPlan& plan, at::TensorList cores, c
   // Gradient of each unique rebuilt row.
   size_t cur_slot = kRowGrad, prev_slot = kPrevGrad;
   T* d_cur = scratch<T>(cur_slot, plan.num_unique() * D);
-  parallel_chunks(0, plan.num_unique(), kNodeGrain, [&](int64_t lo, int64_t hi) {
+  parallel_chunks(0, plan.num_unique(), kRowGrain, [&](int64_t lo, int64_t hi) {
     for (int64_t u = lo; u < hi; ++u) {
       const int64_t first = plan.occ_start[u];
       row_grad(plan, psw, mean, g, D, plan.occ.data() + first, plan.occ_start[u + 1] - first, d_cur + u * D);

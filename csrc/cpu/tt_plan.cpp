@@ -110,16 +110,10 @@ TTPlan build_plan(const std::string& table, const TTShape& s, const at::Tensor& 
   }
   radix_sort_pairs(keys, positions, s.num_embeddings);
 
-  plan.bag_of.assign(n, -1);
+  plan.bag_of.resize(n);
   plan.slot.assign(n, -1);
-  plan.bag_valid.assign(plan.num_bags, 0);
-  plan.bag_start.assign(plan.num_bags + 1, n);
-  for (int64_t b = 0; b < plan.num_bags; ++b) {
-    plan.bag_start[b] = off[b];
-    const int64_t end = b + 1 < count ? off[b + 1] : n;
-    std::fill(plan.bag_of.begin() + off[b], plan.bag_of.begin() + end, b);
-  }
-  if (plan.num_bags > 0) plan.bag_start[plan.num_bags] = include_last_offset ? off[count - 1] : n;
+  plan.bag_valid.resize(plan.num_bags);
+  plan.bag_start.resize(plan.num_bags + 1);
 
   // Runs of equal keys: one per distinct id (run_start[r] is written again until run r begins).
   const int64_t nk = static_cast<int64_t>(keys.size());
@@ -130,67 +124,93 @@ TTPlan build_plan(const std::string& table, const TTShape& s, const at::Tensor& 
     runs += i == 0 || keys[i] != keys[i - 1];
   }
   run_start[runs] = nk;
-  std::vector<int64_t> cache_slots;  // of each distinct id
-  if (cache) {
-    std::vector<int64_t> distinct(runs);
-    for (int64_t r = 0; r < runs; ++r) distinct[r] = keys[run_start[r]];
-    cache->lookup_all(distinct, cache_slots);
-  }
+  run_start.resize(runs + 1);
 
-  // Prefix tree over the rebuilt ids, occurrence lists of rebuilt and cached ids. Sized for the
-  // worst case and trimmed after: plain indexed stores in the loop.
-  plan.occ.resize(nk);
+  // Per distinct id, in parallel: its cache slot (-1: rebuilt) and, if rebuilt, its digits.
+  std::vector<int64_t> cache_slot(runs, -1), digits(runs * s.d);
+  const DigitSplitter split(s);
+  at::parallel_for(0, runs, 512, [&](int64_t lo, int64_t hi) {
+    constexpr int64_t kAhead = 16;  // the map is larger than the caches: overlap the bucket loads
+    for (int64_t r = lo; r < hi; ++r) {
+      const int64_t id = keys[run_start[r]];
+      if (cache && r + kAhead < hi) cache->prefetch(keys[run_start[r + kAhead]]);
+      if (cache) cache_slot[r] = cache->lookup(id);
+      if (cache_slot[r] < 0) split(id, digits.data() + r * s.d);
+    }
+  });
+
+  // Prefix tree over the rebuilt ids and the CSR starts of both kinds of ids: one pass over the
+  // distinct ids (sorted, so a node's prefix differs from the previous rebuilt id's or is shared).
   plan.occ_start.resize(runs + 1);
-  plan.cached_occ.resize(cache ? nk : 0);
   plan.cached_slot.resize(cache ? runs : 0);
   plan.cached_occ_start.resize(cache ? runs + 1 : 1);
   plan.digit.assign(s.d, std::vector<int64_t>(runs));
   plan.parent.assign(s.d, std::vector<int64_t>(runs));
-  std::vector<int64_t> level(s.d, 0), last_digits(s.d, -1), digits(s.d);
-  const DigitSplitter split(s);
+  std::vector<int64_t> level(s.d, 0), run_index(runs);  // run -> rebuilt slot u, or -2 - cached index
   int64_t rebuilt = 0, cached = 0, n_occ = 0, n_cached_occ = 0;
+  const int64_t* last = nullptr;  // digits of the previous rebuilt id
   for (int64_t r = 0; r < runs; ++r) {
-    const int64_t lo = run_start[r], hi = run_start[r + 1];
-    const int64_t c = cache ? cache_slots[r] : -1;
-    if (c >= 0) {
-      plan.cached_slot[cached] = c;
-      plan.cached_occ_start[cached++] = n_cached_occ;
-      for (int64_t i = lo; i < hi; ++i) {
-        plan.cached_occ[n_cached_occ++] = positions[i];
-        plan.slot[positions[i]] = -2 - c;
-      }
+    const int64_t len = run_start[r + 1] - run_start[r];
+    if (cache_slot[r] >= 0) {
+      plan.cached_slot[cached] = cache_slot[r];
+      plan.cached_occ_start[cached] = n_cached_occ;
+      run_index[r] = -2 - cached++;
+      n_cached_occ += len;
       continue;
     }
     plan.occ_start[rebuilt] = n_occ;
-    for (int64_t i = lo; i < hi; ++i) {
-      plan.occ[n_occ++] = positions[i];
-      plan.slot[positions[i]] = rebuilt;
-    }
-    ++rebuilt;
-    split(keys[lo], digits.data());
+    run_index[r] = rebuilt++;
+    n_occ += len;
+    const int64_t* dg = digits.data() + r * s.d;
     int64_t k = 0;  // the first level whose prefix differs from the previous rebuilt id's
-    while (k < s.d && digits[k] == last_digits[k]) ++k;
+    while (last && k < s.d && dg[k] == last[k]) ++k;
     for (; k < s.d; ++k) {  // once a prefix changes, all longer prefixes are new nodes too
-      last_digits[k] = digits[k];
-      plan.digit[k][level[k]] = digits[k];
+      plan.digit[k][level[k]] = dg[k];
       if (k > 0) plan.parent[k][level[k]] = level[k - 1] - 1;
       ++level[k];
     }
+    last = dg;
   }
   plan.occ_start[rebuilt] = n_occ;
   plan.occ_start.resize(rebuilt + 1);
-  plan.occ.resize(n_occ);
   plan.cached_occ_start[cached] = n_cached_occ;
   plan.cached_occ_start.resize(cached + 1);
   plan.cached_slot.resize(cached);
-  plan.cached_occ.resize(n_cached_occ);
   for (int64_t k = 0; k < s.d; ++k) {
     plan.digit[k].resize(level[k]);
     plan.parent[k].resize(k > 0 ? level[k] : 0);
   }
-  for (int64_t pos = 0; pos < n; ++pos) {
-    if (plan.slot[pos] != -1) ++plan.bag_valid[plan.bag_of[pos]];
-  }
+
+  // Occurrence lists and each position's slot (disjoint writes per distinct id: in parallel).
+  plan.occ.resize(n_occ);
+  plan.cached_occ.resize(n_cached_occ);
+  at::parallel_for(0, runs, 512, [&](int64_t lo, int64_t hi) {
+    for (int64_t r = lo; r < hi; ++r) {
+      const int64_t u = run_index[r];
+      const bool is_cached = u < 0;
+      int64_t* dst = is_cached ? plan.cached_occ.data() + plan.cached_occ_start[-2 - u] : plan.occ.data() + plan.occ_start[u];
+      const int64_t where = is_cached ? -2 - cache_slot[r] : u;
+      for (int64_t i = run_start[r]; i < run_start[r + 1]; ++i) {
+        *dst++ = positions[i];
+        plan.slot[positions[i]] = where;
+      }
+    }
+  });
+
+  // Bags: each position's bag and the ids kept per bag (mean pooling divides by it).
+  at::parallel_for(0, plan.num_bags, 1024, [&](int64_t lo, int64_t hi) {
+    for (int64_t b = lo; b < hi; ++b) {
+      const int64_t end = b + 1 < count ? off[b + 1] : n;
+      int64_t kept = 0;
+      for (int64_t pos = off[b]; pos < end; ++pos) {
+        plan.bag_of[pos] = b;
+        kept += plan.slot[pos] != -1;
+      }
+      plan.bag_start[b] = off[b];
+      plan.bag_valid[b] = kept;
+    }
+  });
+  if (plan.num_bags > 0) plan.bag_start[plan.num_bags] = include_last_offset ? off[count - 1] : n;
 
   plan.first_child.assign(s.d, {});
   for (int64_t k = 0; k + 1 < s.d; ++k) {

@@ -20,28 +20,18 @@ struct CacheMap {
   const int64_t* bucket(int64_t id) const {
     return entries + ((static_cast<uint64_t>(id) * 0x9E3779B97F4A7C15ULL) >> (64 - log_buckets)) * width;
   }
-  // Cache slot of a valid id, -1 if it is not cached.
+  // Cache slot of a valid id, -1 if it is not cached. A bucket's entries come first, then -1s.
   int64_t lookup(int64_t id) const {
     const int64_t* e = bucket(id);
-    for (int64_t i = 0; i < width; ++i) {
-      if (e[i] >= 0 && (e[i] >> shift) == id) {
+    for (int64_t i = 0; i < width && e[i] >= 0; ++i) {
+      if ((e[i] >> shift) == id) {
         const int64_t slot = e[i] & ((int64_t(1) << shift) - 1);
         return slot < rows ? slot : -1;
       }
     }
     return -1;
   }
-  // lookup() of sorted distinct ids; the map is larger than the caches, so the buckets are
-  // prefetched a few ids ahead (the loads overlap instead of stalling one by one).
-  void lookup_all(const std::vector<int64_t>& ids, std::vector<int64_t>& slots) const {
-    constexpr size_t kAhead = 16;
-    const size_t n = ids.size();
-    slots.resize(n);
-    for (size_t i = 0; i < n; ++i) {
-      if (i + kAhead < n) __builtin_prefetch(bucket(ids[i + kAhead]));
-      slots[i] = lookup(ids[i]);
-    }
-  }
+  void prefetch(int64_t id) const { __builtin_prefetch(bucket(id)); }
 };
 
 struct TTPlan {

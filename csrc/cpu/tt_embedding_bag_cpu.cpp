@@ -30,7 +30,7 @@ constexpr int64_t kBagGrain = 64;
 // Fresh multi-MB vectors every step cost page faults, since glibc hands large blocks back to the
 // OS on free: that was half of the step time at the benchmark configuration. Contents are stale:
 // every user initialises what it reads.
-enum ScratchSlot : size_t { kRowGrad = 0, kPrevGrad, kChildGrad, kCoreT, kFirstLevel };
+enum ScratchSlot : size_t { kRowGrad = 0, kPrevGrad, kChildGrad, kCoreT, kCachedRows, kFirstLevel };
 
 template <typename T>
 T* scratch(size_t slot, size_t numel) {
@@ -119,11 +119,28 @@ inline T pool_coef(const TTPlan& plan, const T* psw, bool mean, int64_t pos) {
   return c;
 }
 
-// Row of the id at `pos`: a leaf of the prefix tree, or a row of the hot-row cache (plan.slot <= -2).
+// The batch's cached rows, gathered in plan order (cache slots are scattered over a table of
+// cache rows larger than the CPU caches: one prefetched pass, then the pooling reads a compact copy).
 template <typename T>
-inline const T* row_of(const TTShape& s, const TTPlan& plan, const Partials<T>& P, const T* cache_w, int64_t pos) {
+const T* gather_cached_rows(const TTPlan& plan, const T* cache_w, int64_t D) {
+  if (plan.num_cached() == 0) return nullptr;
+  T* rows = scratch<T>(kCachedRows, plan.num_cached() * D);
+  parallel_chunks(0, plan.num_cached(), 256, [&](int64_t lo, int64_t hi) {
+    constexpr int64_t kAhead = 16;
+    for (int64_t c = lo; c < hi; ++c) {
+      if (c + kAhead < hi) __builtin_prefetch(cache_w + plan.cached_slot[c + kAhead] * D);
+      std::copy_n(cache_w + plan.cached_slot[c] * D, D, rows + c * D);
+    }
+  });
+  return rows;
+}
+
+// Row of the id at `pos`: a leaf of the prefix tree, or a cached row (plan.slot <= -2) of the
+// batch's gathered cached rows.
+template <typename T>
+inline const T* row_of(const TTShape& s, const TTPlan& plan, const Partials<T>& P, const T* cached_rows, int64_t pos) {
   const int64_t u = plan.slot[pos];
-  return u >= 0 ? P.node(plan, s.d - 1, u) : cache_w + (-2 - u) * s.embedding_dim;
+  return u >= 0 ? P.node(plan, s.d - 1, u) : cached_rows + (-2 - u) * s.embedding_dim;
 }
 
 template <typename T>
@@ -136,13 +153,14 @@ at::Tensor forward_impl(const TTShape& s, const TTPlan& plan, at::TensorList cor
   const T* psw = psw_t.defined() ? psw_t.data_ptr<T>() : nullptr;
   T* o = out.data_ptr<T>();
   const int64_t D = s.embedding_dim;
+  const T* cached_rows = cache_w ? gather_cached_rows(plan, cache_w, D) : nullptr;
   parallel_chunks(0, plan.num_bags, kBagGrain, [&](int64_t lo, int64_t hi) {
     for (int64_t b = lo; b < hi; ++b) {
       T* ob = o + b * D;
       for (int64_t pos = plan.bag_start[b]; pos < plan.bag_start[b + 1]; ++pos) {
         if (plan.slot[pos] == -1) continue;
         const T c = pool_coef(plan, psw, mean, pos);
-        const T* row = row_of(s, plan, P, cache_w, pos);
+        const T* row = row_of(s, plan, P, cached_rows, pos);
         for (int64_t e = 0; e < D; ++e) ob[e] += c * row[e];
       }
     }
@@ -178,10 +196,11 @@ void backward_impl(const TTShape& s, const TTPlan& plan, at::TensorList cores, c
   const T* g = g_t.data_ptr<T>();
 
   if (psw_grad) {
+    const T* cached_rows = cache_w ? gather_cached_rows(plan, cache_w, D) : nullptr;
     parallel_chunks(0, static_cast<int64_t>(plan.slot.size()), kBagGrain, [&](int64_t lo, int64_t hi) {
       for (int64_t pos = lo; pos < hi; ++pos) {
         if (plan.slot[pos] == -1) continue;
-        const T* row = row_of(s, plan, P, cache_w, pos);
+        const T* row = row_of(s, plan, P, cached_rows, pos);
         const T* gb = g + plan.bag_of[pos] * D;
         T dot = 0;
         for (int64_t e = 0; e < D; ++e) dot += row[e] * gb[e];
@@ -190,11 +209,13 @@ void backward_impl(const TTShape& s, const TTPlan& plan, at::TensorList cores, c
     });
   }
 
-  // Cached rows: one gradient per unique cached id (distinct slots, so updates do not race).
+  // Cached rows: one gradient per unique cached id (distinct slots, so updates do not race); the
+  // rows are scattered over the cache, so they are prefetched for writing a few ids ahead.
   parallel_chunks(0, plan.num_cached(), kRowGrain, [&](int64_t lo, int64_t hi) {
     thread_local std::vector<T> du;
     du.resize(D);
     for (int64_t c = lo; c < hi; ++c) {
+      if (c + 16 < hi) __builtin_prefetch(cache_w + plan.cached_slot[c + 16] * D, 1);
       const int64_t first = plan.cached_occ_start[c];
       row_grad(plan, psw, mean, g, D, plan.cached_occ.data() + first, plan.cached_occ_start[c + 1] - first, du.data());
       on_cached_row(plan.cached_slot[c], du.data());
@@ -488,7 +509,10 @@ std::tuple<at::Tensor, at::Tensor> tt_cached_embedding_bag_fused(
   auto where = at::empty({indices.numel()}, indices.options().dtype(at::kLong));
   int64_t* w = where.data_ptr<int64_t>();
   const auto& slot = a.plan->slot;
-  for (size_t pos = 0; pos < slot.size(); ++pos) w[pos] = slot[pos] >= 0 ? -1 : slot[pos] == -1 ? -2 : -2 - slot[pos];
+  const auto& cached_slot = a.plan->cached_slot;
+  for (size_t pos = 0; pos < slot.size(); ++pos) {
+    w[pos] = slot[pos] >= 0 ? -1 : slot[pos] == -1 ? -2 : cached_slot[-2 - slot[pos]];
+  }
   return {out, where};
 }
 

@@ -26,15 +26,8 @@ bool wide_registers() {
     if (wide_registers()) return rank_update<T, 4>(c, a, 1, r, b, r, m, n);                               \
     rank_update<T, 2>(c, a, 1, r, b, r, m, n);                                                            \
   }                                                                                                       \
-  /* dst[cols, rows] = src[rows, cols]^T in strips of 8 rows: 8 strided loads, one vector store */      \
   TT_MULTIVERSION void transpose(T* dst, const T* src, int64_t rows, int64_t cols) {                      \
-    int64_t r0 = 0;                                                                                       \
-    for (; r0 + 8 <= rows; r0 += 8)                                                                       \
-      for (int64_t c = 0; c < cols; ++c) {                                                                \
-        _Pragma("GCC unroll 8") for (int r = 0; r < 8; ++r) dst[c * rows + r0 + r] = src[(r0 + r) * cols + c]; \
-      }                                                                                                   \
-    for (; r0 < rows; ++r0)                                                                               \
-      for (int64_t c = 0; c < cols; ++c) dst[c * rows + r0] = src[r0 * cols + c];                         \
+    transpose_blocked<T>(dst, src, rows, cols);                                                           \
   }
 TT_DEFINE_GEMMS(float)
 TT_DEFINE_GEMMS(double)

@@ -4,6 +4,7 @@
 // baseline x86-64 with runtime dispatch (gcc target_clones).
 #pragma once
 #include <cstdint>
+#include <type_traits>
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define TT_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
@@ -109,6 +110,61 @@ inline __attribute__((always_inline)) void rank_update(T* __restrict__ c, const 
     for (; i0 < rows; ++i0) register_tile<T, 1, NV>(c + i0 * n + j0, n, a + i0 * a_row, a_row, a_col, b + j0, n, depth);
   }
   if (j0 < n) rank_update_rows<T>(c + j0, n, a, a_row, a_col, b + j0, n, rows, depth, n - j0);
+}
+
+// In-register transpose of one L x L block (L = 32 bytes / sizeof(T): 8 floats or 4 doubles):
+// log2(L) rounds that swap the off-diagonal h x h sub-blocks, h = 1, 2, ... L/2, each round one
+// two-source shuffle per row (vunpck/vshuf/vperm2f128 on AVX2). About 3 shuffles per 8 values
+// instead of one strided scalar load per value.
+template <typename T>
+struct Vec32 {
+  static constexpr int L = 32 / sizeof(T);
+  typedef T type __attribute__((vector_size(32), aligned(alignof(T))));
+  typedef std::conditional_t<sizeof(T) == 4, int32_t, int64_t> lane_index;
+  typedef lane_index mask __attribute__((vector_size(32)));
+};
+
+template <typename T, int H>
+inline __attribute__((always_inline)) void swap_blocks(typename Vec32<T>::type* r) {
+  using V = Vec32<T>;
+  typename V::mask lo, hi;  // lane p of block 2H: from row i (p < H) or row i + H (p >= H)
+  for (int p = 0; p < V::L; ++p) {
+    const int base = p / (2 * H) * (2 * H), off = p % (2 * H);
+    lo[p] = off < H ? base + off : V::L + base + off - H;
+    hi[p] = off < H ? base + H + off : V::L + base + off;
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < V::L; ++i) {
+    if (i % (2 * H) >= H) continue;
+    const typename V::type a = r[i], b = r[i + H];
+    r[i] = __builtin_shuffle(a, b, lo);
+    r[i + H] = __builtin_shuffle(a, b, hi);
+  }
+}
+
+template <typename T>
+inline __attribute__((always_inline)) void transpose_block(T* __restrict__ dst, int64_t ld_dst, const T* __restrict__ src,
+                                                           int64_t ld_src) {
+  using V = Vec32<T>;
+  typename V::type r[V::L];
+#pragma GCC unroll 8
+  for (int i = 0; i < V::L; ++i) __builtin_memcpy(&r[i], src + i * ld_src, sizeof(r[i]));
+  swap_blocks<T, 1>(r);
+  swap_blocks<T, 2>(r);
+  if constexpr (V::L == 8) swap_blocks<T, 4>(r);
+#pragma GCC unroll 8
+  for (int i = 0; i < V::L; ++i) __builtin_memcpy(dst + i * ld_dst, &r[i], sizeof(r[i]));
+}
+
+// dst[cols, rows] = src[rows, cols]^T: L x L blocks in registers, the edges element by element.
+template <typename T>
+inline __attribute__((always_inline)) void transpose_blocked(T* __restrict__ dst, const T* __restrict__ src, int64_t rows, int64_t cols) {
+  constexpr int L = Vec32<T>::L;
+  const int64_t rows_b = rows / L * L, cols_b = cols / L * L;
+  for (int64_t r0 = 0; r0 < rows_b; r0 += L)
+    for (int64_t c0 = 0; c0 < cols_b; c0 += L) transpose_block<T>(dst + c0 * rows + r0, rows, src + r0 * cols + c0, cols);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = r < rows_b ? cols_b : 0; c < cols; ++c) dst[c * rows + r] = src[r * cols + c];
 }
 
 // Entry points, one per dtype; tt_gemm.cpp compiles each for several ISAs (the template body is

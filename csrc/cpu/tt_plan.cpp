@@ -9,6 +9,7 @@
 namespace torchrec_tt::cpu {
 namespace {
 
+
 template <typename Id>
 void collect_valid_ids(const std::string& table, const TTShape& s, const Id* ids, int64_t n,
                        BoundsCheckMode mode, std::vector<int64_t>& keys, std::vector<int64_t>& pos) {
@@ -146,7 +147,7 @@ TTPlan build_plan(const std::string& table, const TTShape& s, const at::Tensor& 
   plan.cached_occ_start.resize(cache ? runs + 1 : 1);
   plan.digit.assign(s.d, std::vector<int64_t>(runs));
   plan.parent.assign(s.d, std::vector<int64_t>(runs));
-  std::vector<int64_t> level(s.d, 0), run_index(runs);  // run -> rebuilt slot u, or -2 - cached index
+  std::vector<int64_t> level(s.d, 0), run_index(runs);  // run -> plan.slot of its positions
   int64_t rebuilt = 0, cached = 0, n_occ = 0, n_cached_occ = 0;
   const int64_t* last = nullptr;  // digits of the previous rebuilt id
   for (int64_t r = 0; r < runs; ++r) {
@@ -189,10 +190,9 @@ TTPlan build_plan(const std::string& table, const TTShape& s, const at::Tensor& 
       const int64_t u = run_index[r];
       const bool is_cached = u < 0;
       int64_t* dst = is_cached ? plan.cached_occ.data() + plan.cached_occ_start[-2 - u] : plan.occ.data() + plan.occ_start[u];
-      const int64_t where = is_cached ? -2 - cache_slot[r] : u;
       for (int64_t i = run_start[r]; i < run_start[r + 1]; ++i) {
         *dst++ = positions[i];
-        plan.slot[positions[i]] = where;
+        plan.slot[positions[i]] = u;
       }
     }
   });

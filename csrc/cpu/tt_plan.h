@@ -39,7 +39,7 @@ struct TTPlan {
   std::vector<int64_t> bag_start;  // num_bags + 1 entries: ids of bag b are [bag_start[b], bag_start[b+1])
   std::vector<int64_t> bag_of;     // id position -> bag
   // id position -> unique row slot (>= 0, rebuilt from the cores), -1 if the id was dropped, or
-  // -2 - c for an id held in slot c of the hot-row cache (never rebuilt).
+  // -2 - c for the c-th cached unique id (its row is in cache slot cached_slot[c]; never rebuilt).
   std::vector<int64_t> slot;
   std::vector<int64_t> bag_valid;  // ids kept per bag (mean pooling divides by it)
   std::vector<int64_t> occ_start;  // CSR: positions of each unique row's occurrences

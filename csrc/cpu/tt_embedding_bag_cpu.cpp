@@ -275,9 +275,13 @@ void backward_impl(const TTShape& s, const TTPlan& plan, at::TensorList cores, c
     // the nodes' P and dP rows are stacked so the sum is one product of depth (nodes x m_{k-1}), whose
     // register tiles then stay in registers across all the nodes.
     const int64_t p_rows = m * s.r[k];
+    // A slice narrower than its rank (the last core: n = q_d) is summed transposed, dG^T = sum
+    // dP^T @ P, so the register tiles run along r_k instead of along a few columns.
+    const bool narrow = n < s.r[k];
     parallel_chunks(0, s.p[k], kNodeGrain, [&](int64_t lo, int64_t hi) {
-      thread_local std::vector<T> buf, a_stack, b_stack;  // per worker, reused across calls
+      thread_local std::vector<T> buf, buf_t, a_stack, b_stack;  // per worker, reused across calls
       buf.resize(slice);
+      buf_t.resize(slice);
       for (int64_t v = lo; v < hi; ++v) {
         const int64_t nodes = start[v + 1] - start[v];
         if (nodes == 0) continue;
@@ -288,8 +292,14 @@ void backward_impl(const TTShape& s, const TTPlan& plan, at::TensorList cores, c
           std::copy_n(P.node(plan, k - 1, plan.parent[k][j]), p_rows, a_stack.data() + t * p_rows);
           std::copy_n(d_cur + j * m * n, m * n, b_stack.data() + t * m * n);
         }
-        std::fill(buf.begin(), buf.end(), T(0));
-        gemm_tn_acc(buf.data(), a_stack.data(), b_stack.data(), nodes * m, s.r[k], n);
+        if (narrow) {
+          std::fill(buf_t.begin(), buf_t.end(), T(0));
+          gemm_tn_acc(buf_t.data(), b_stack.data(), a_stack.data(), nodes * m, n, s.r[k]);
+          transpose(buf.data(), buf_t.data(), n, s.r[k]);
+        } else {
+          std::fill(buf.begin(), buf.end(), T(0));
+          gemm_tn_acc(buf.data(), a_stack.data(), b_stack.data(), nodes * m, s.r[k], n);
+        }
         on_slice(k, v, buf.data());
       }
     });

@@ -92,6 +92,22 @@ def check_against_reference(b):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_training_and_inference_forward_agree(dtype):
+    """A training forward groups the nodes of a narrow level (here the last: q_d = 4 < r = 32) by
+    digit and runs one product per core slice; inference runs one per node. Same rows either way."""
+    cores = random_cores([9, 11, 13], [2, 2, 4], [1, 32, 32, 1], dtype=dtype, seed=3)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 9 * 11 * 13, (500,), generator=g)
+    offsets = torch.arange(0, 500, 5)
+    with torch.no_grad():
+        infer = ops.tt_embedding_bag(cores, ids, offsets, None, num_embeddings=9 * 11 * 13)
+    train = ops.tt_embedding_bag([c.requires_grad_() for c in cores], ids, offsets, None, num_embeddings=9 * 11 * 13)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else {}
+    torch.testing.assert_close(train.detach(), infer, **tol)
+    torch.testing.assert_close(infer, tt_embedding_bag_reference(cores, ids, offsets, None), **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("p,q,ranks", [
     ([8, 8, 8], [4, 2, 2], [1, 8, 8, 1]),      # slices 16 wide: the register-tile path for float64
     ([8, 8, 8], [2, 2, 4], [1, 16, 16, 1]),    # 32 wide: the register-tile path for float32

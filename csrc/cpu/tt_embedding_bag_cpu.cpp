@@ -70,6 +70,40 @@ struct Partials {
   }
 };
 
+// P_k of level k's nodes when a slice is narrower than its rank (n = q_k r_{k+1} < r_k: the last
+// core, n = q_d): one product per slice, summed transposed over the nodes with that digit,
+// [P_k]^T (n x nodes m) = G_k[v]^T @ [P_{k-1}]^T, so the register tiles run along the nodes instead of
+// along n columns. Needs the plan's nodes grouped by digit.
+template <typename T>
+void narrow_level_products(const TTShape& s, const TTPlan& plan, const Partials<T>& P, const T* core, int64_t k,
+                           int64_t m_prev) {
+  const int64_t r = s.r[k], n = s.q[k] * s.r[k + 1], slice = s.slice_numel(k);
+  const auto& start = plan.by_digit_start[k];
+  const auto& order = plan.by_digit[k];
+  parallel_chunks(0, s.p[k], kNodeGrain, [&](int64_t lo, int64_t hi) {
+    thread_local std::vector<T> stack, stack_t, out_t;  // per worker, reused across calls
+    for (int64_t v = lo; v < hi; ++v) {
+      const int64_t nodes = start[v + 1] - start[v], rows = nodes * m_prev;
+      if (nodes == 0) continue;
+      stack.resize(std::max<size_t>(stack.size(), rows * r));
+      stack_t.resize(std::max<size_t>(stack_t.size(), rows * r));
+      out_t.resize(std::max<size_t>(out_t.size(), rows * n));
+      for (int64_t t = 0; t < nodes; ++t) {
+        const int64_t j = order[start[v] + t];
+        std::copy_n(P.node(plan, k - 1, plan.parent[k][j]), m_prev * r, stack.data() + t * m_prev * r);
+      }
+      transpose(stack_t.data(), stack.data(), rows, r);
+      std::fill_n(out_t.data(), rows * n, T(0));
+      gemm_tn_acc(out_t.data(), core + v * slice, stack_t.data(), r, n, rows);
+      for (int64_t t = 0; t < nodes; ++t) {  // node t's P_k (m_prev x n) is columns t m_prev.. of out_t
+        T* dst = P.level[k] + order[start[v] + t] * P.stride[k];
+        for (int64_t a = 0; a < m_prev; ++a)
+          for (int64_t c = 0; c < n; ++c) dst[a * n + c] = out_t[c * rows + t * m_prev + a];
+      }
+    }
+  });
+}
+
 // Partial products of levels 0..last: the levels its forward kept in `reuse` are taken as they are
 // (backward); with `keep`, the computed levels are kept there for the backward (forward).
 template <typename T>
@@ -100,6 +134,10 @@ Partials<T> compute_partials(const TTShape& s, const TTPlan& plan, at::TensorLis
     }
     const T* core = cores[k].data_ptr<T>();
     const int64_t slice = s.slice_numel(k);
+    if (s.q[k] * s.r[k + 1] < s.r[k] && static_cast<int64_t>(plan.by_digit_start.size()) > k) {
+      narrow_level_products(s, plan, P, core, k, m_prev);
+      continue;
+    }
     parallel_chunks(0, plan.level_size(k), kNodeGrain, [&](int64_t lo, int64_t hi) {
       for (int64_t j = lo; j < hi; ++j) {
         std::fill_n(P.level[k] + j * P.stride[k], P.stride[k], T(0));

@@ -9,7 +9,6 @@
 namespace torchrec_tt::cpu {
 namespace {
 
-
 template <typename Id>
 void collect_valid_ids(const std::string& table, const TTShape& s, const Id* ids, int64_t n,
                        BoundsCheckMode mode, std::vector<int64_t>& keys, std::vector<int64_t>& pos) {

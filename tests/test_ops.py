@@ -113,6 +113,7 @@ def test_training_and_inference_forward_agree(dtype):
     ([8, 8, 8], [2, 2, 4], [1, 16, 16, 1]),    # 32 wide: the register-tile path for float32
     ([6, 7], [4, 8], [1, 32, 1]),              # d = 2, 256-wide slices, rows not a multiple of the tile
     ([5, 6, 7, 3], [3, 2, 5, 2], [1, 12, 20, 9, 1]),  # d = 4, odd widths: tile + remainder columns
+    ([2, 64, 3], [2, 4, 2], [1, 16, 8, 1]),    # parents with > 32 children: per-child parent gradients
 ])
 def test_production_sized_ranks_match_reference(p, q, ranks, dtype):
     """The property test above draws tiny ranks; these shapes take the wide (register-tiled) kernels."""

@@ -25,6 +25,7 @@ namespace {
 constexpr int64_t kNodeGrain = 8;   // prefix-tree nodes: a small product each
 constexpr int64_t kRowGrain = 64;   // row gradients: a few sums each; fewer turns of the shared counter
 constexpr int64_t kBagGrain = 64;
+constexpr int64_t kFusedFanOut = 32;  // most children of one parent for per-parent gradient sums
 
 // Scratch buffers reused across calls on the calling thread (worker threads only see pointers).
 // Fresh multi-MB vectors every step cost page faults, since glibc hands large blocks back to the
@@ -277,9 +278,10 @@ void backward_impl(const TTShape& s, const TTPlan& plan, at::TensorList cores, c
     const T* core = cores[k].data_ptr<T>();
     const int64_t slice = s.slice_numel(k);
     // dP_{k-1}[parent] = sum over children of dP_k[child] @ G_k[digit]^T (reads core k: before its
-    // update). The touched slices are transposed once so the products vectorise along r_k; the
-    // per-child products run in parallel over children (skewed ids put most children under a few
-    // parents), then a cheap per-parent sum.
+    // update). The touched slices are transposed once so the products vectorise along r_k. Where
+    // parents have few children, each parent accumulates its children's products in place; where
+    // some parent has many (skewed ids put most children under a few parents), the per-child
+    // products run in parallel over children, then a cheap per-parent sum.
     const auto& start = plan.by_digit_start[k];
     const auto& order = plan.by_digit[k];
     T* core_t = scratch<T>(kCoreT, s.p[k] * slice);
@@ -290,25 +292,39 @@ void backward_impl(const TTShape& s, const TTPlan& plan, at::TensorList cores, c
       }
     });
     const int64_t block = m * s.r[k];
-    T* per_child = scratch<T>(kChildGrad, plan.level_size(k) * block);
-    parallel_chunks(0, plan.level_size(k), kNodeGrain, [&](int64_t lo, int64_t hi) {
-      for (int64_t j = lo; j < hi; ++j) {
-        std::fill_n(per_child + j * block, block, T(0));
-        gemm_nn_acc(per_child + j * block, d_cur + j * m * n, core_t + plan.digit[k][j] * slice, m, n, s.r[k]);
-      }
-    });
     T* d_prev = scratch<T>(prev_slot, plan.level_size(k - 1) * block);
     const auto& fc = plan.first_child[k - 1];
-    parallel_chunks(0, plan.level_size(k - 1), kNodeGrain, [&](int64_t lo, int64_t hi) {
-      for (int64_t jp = lo; jp < hi; ++jp) {
-        T* dst = d_prev + jp * block;
-        std::fill_n(dst, block, T(0));
-        for (int64_t j = fc[jp]; j < fc[jp + 1]; ++j) {
-          const T* src = per_child + j * block;
-          for (int64_t e = 0; e < block; ++e) dst[e] += src[e];
+    int64_t fan_out = 0;
+    for (int64_t jp = 0; jp < plan.level_size(k - 1); ++jp) fan_out = std::max(fan_out, fc[jp + 1] - fc[jp]);
+    const auto child_product = [&](T* dst, int64_t j) {
+      gemm_nn_acc(dst, d_cur + j * m * n, core_t + plan.digit[k][j] * slice, m, n, s.r[k]);
+    };
+    if (fan_out <= kFusedFanOut) {  // few children per parent: each parent's thread sums its own
+      parallel_chunks(0, plan.level_size(k - 1), kNodeGrain, [&](int64_t lo, int64_t hi) {
+        for (int64_t jp = lo; jp < hi; ++jp) {
+          std::fill_n(d_prev + jp * block, block, T(0));
+          for (int64_t j = fc[jp]; j < fc[jp + 1]; ++j) child_product(d_prev + jp * block, j);
         }
-      }
-    });
+      });
+    } else {
+      T* per_child = scratch<T>(kChildGrad, plan.level_size(k) * block);
+      parallel_chunks(0, plan.level_size(k), kNodeGrain, [&](int64_t lo, int64_t hi) {
+        for (int64_t j = lo; j < hi; ++j) {
+          std::fill_n(per_child + j * block, block, T(0));
+          child_product(per_child + j * block, j);
+        }
+      });
+      parallel_chunks(0, plan.level_size(k - 1), kNodeGrain, [&](int64_t lo, int64_t hi) {
+        for (int64_t jp = lo; jp < hi; ++jp) {
+          T* dst = d_prev + jp * block;
+          std::fill_n(dst, block, T(0));
+          for (int64_t j = fc[jp]; j < fc[jp + 1]; ++j) {
+            const T* src = per_child + j * block;
+            for (int64_t e = 0; e < block; ++e) dst[e] += src[e];
+          }
+        }
+      });
+    }
     // dG_k[v] = sum over nodes with digit v of P_{k-1}[parent]^T @ dP_k[node], one thread per slice:
     // the nodes' P and dP rows are stacked so the sum is one product of depth (nodes x m_{k-1}), whose
     // register tiles then stay in registers across all the nodes.

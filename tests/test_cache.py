@@ -6,9 +6,12 @@ import sys
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch.nn.functional as F
 
 from torchrec_tt import TTEmbeddingBag
+from torchrec_tt.modules.cache import TTRowCache
 from torchrec_tt.reference import tt_rows
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -195,6 +198,22 @@ def test_counts_decay_and_stay_bounded():
     # the evicted ids went back to the candidates with their counts, which have aged away
     old = t.cache.cand_counts[torch.isin(t.cache.cand_ids, torch.arange(8))]
     assert old.numel() == 8 and old.max() < 1e-3 * t.cache.slot_counts.min()
+
+
+@settings(max_examples=60, deadline=None)
+@given(counts=st.lists(st.integers(0, 5), min_size=0, max_size=60), k=st.integers(1, 70))
+def test_candidate_selection_equals_stable_sort(counts, k):
+    """The merge keeps the k largest counts, ties to the lower index (ids are sorted, so to the lower
+    id): the same set as the first k of a stable descending sort, found without sorting."""
+    c = torch.tensor(counts, dtype=torch.float64) / 4  # few distinct values: many ties
+    want = torch.sort(c, descending=True, stable=True).indices[:k].sort().values
+    assert torch.equal(torch.nonzero(TTRowCache._top_counts(c, k)).reshape(-1), want)
+    # refresh: ties go to the ids already cached first
+    cur = torch.arange(len(counts)) % 3 == 1
+    order = torch.sort(cur.to(torch.int8), descending=True, stable=True).indices
+    order = order[torch.sort(c[order], descending=True, stable=True).indices]
+    want = order[:k].sort().values
+    assert torch.equal(torch.nonzero(TTRowCache._top_counts(c, k, prefer=cur)).reshape(-1), want)
 
 
 # ---- checkpoint ----------------------------------------------------------------------------------

@@ -315,15 +315,30 @@ class TTRowCache(nn.Module):
         sums = torch.zeros(n, dtype=torch.int64, device=w.device).index_add_(0, inv, units)
         return sums.to(torch.float64) / _COUNT_UNIT
 
+    @staticmethod
+    def _top_counts(counts: torch.Tensor, k: int, prefer: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Mask of the ``k`` largest counts, ties going to ``prefer`` (bool) first, then to the lower
+        index: the set a stable descending sort by (count, prefer) would put first, found with a
+        partial selection instead of sorting every count (the sorts were most of a merge's time)."""
+        if counts.numel() <= k:
+            return torch.ones_like(counts, dtype=torch.bool)
+        threshold = torch.topk(counts, k, sorted=False).values.min()
+        keep = counts > threshold
+        ties = torch.nonzero(counts == threshold).reshape(-1)
+        if prefer is not None:
+            ties = ties[torch.sort(prefer[ties].to(torch.int8), descending=True, stable=True).indices]
+        keep[ties[:k - int(keep.sum())]] = True
+        return keep
+
     def _set_candidates(self, ids: torch.Tensor, w: torch.Tensor) -> None:
         keep = (ids >= 0) & (ids < self.num_embeddings)
         uniq, inv = torch.unique(ids[keep], return_inverse=True)  # sorted: ties below break by id
         counts = self._sum_by_id(inv, w[keep], uniq.numel())
-        order = torch.sort(counts, descending=True, stable=True).indices[:self.candidates]
-        k = order.numel()
+        top = self._top_counts(counts, self.candidates)  # (the candidates' order does not matter)
+        k = int(top.sum())
         self.cand_ids.fill_(-1)
         self.cand_counts.zero_()
-        self.cand_ids[:k], self.cand_counts[:k] = uniq[order], counts[order]
+        self.cand_ids[:k], self.cand_counts[:k] = uniq[top], counts[top]
 
     # ---- refresh -----------------------------------------------------------------------------------
 
@@ -354,13 +369,10 @@ class TTRowCache(nn.Module):
         pool_counts = torch.cat([self.cand_counts[cand], self.slot_counts[live]])
         uniq, inv = torch.unique(pool, return_inverse=True)
         counts = self._sum_by_id(inv, pool_counts, uniq.numel())
-        is_cur = torch.isin(uniq, cur).to(torch.int8)
-        order = torch.sort(is_cur, descending=True, stable=True).indices
-        order = order[torch.sort(counts[order], descending=True, stable=True).indices]
-        chosen = uniq[order[:self.rows]]
+        top = self._top_counts(counts, self.rows, prefer=torch.isin(uniq, cur))
+        chosen = uniq[top]
         # ids left out go (back) to the candidates with their counts
-        rest = order[self.rows:]
-        self._set_candidates(uniq[rest], counts[rest])
+        self._set_candidates(uniq[~top], counts[~top])
 
         stay = live & torch.isin(self.cached_ids, chosen)
         evict = live & ~stay

@@ -11,7 +11,7 @@ from torch import nn
 from .. import ops
 from ..decomposition import tt_svd
 from ..init import INIT_METHODS, init_cores_
-from ..reference import tt_full_weight, tt_rows
+from ..reference import tt_full_weight
 from .cache import TTRowCache, resolve_cache_rows
 from ..shapes import clip_ranks, full_ranks, suggest_p_shapes, suggest_q_shapes, tt_num_parameters
 
@@ -217,11 +217,14 @@ class TTEmbeddingBag(nn.Module):
     # ---- materialisation -------------------------------------------------------------------------
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
-        """Rebuilt rows ``[len(ids), D]`` (differentiable); ids are range-checked."""
+        """Rebuilt rows ``[len(ids), D]`` (differentiable); ids are range-checked. One id per bag
+        through the TT op, so shared prefixes are multiplied once (cache admission rebuilds ~10^5 rows)."""
         ids = ids.reshape(-1)
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.num_embeddings):
             raise IndexError(f"table '{self.name}': ids must be in [0, {self.num_embeddings})")
-        return tt_rows(list(self.cores), ids)
+        offsets = torch.arange(ids.numel() + 1, device=ids.device)
+        return ops.tt_embedding_bag(list(self.cores), ids, offsets, None, num_embeddings=self.num_embeddings,
+                                    mode="sum", include_last_offset=True, table_name=self.name)
 
     def full_weight(self) -> torch.Tensor:
         """The dense ``[N, D]`` table these cores represent (for checks and export)."""

@@ -141,8 +141,8 @@ int64_t cache_slot_bits(int64_t rows) {
   return std::max<int64_t>(std::bit_width(static_cast<uint64_t>(rows)), 1);
 }
 
-int64_t cache_map_log_buckets(const at::Tensor& map) {
-  return std::bit_width(static_cast<uint64_t>(map.size(0) - 1));  // size is a power of two >= 2 (checked)
+int64_t cache_map_log_buckets(int64_t rows) {
+  return std::bit_width(static_cast<uint64_t>(rows - 1)) + 1;
 }
 
 void check_cache_args(const std::string& table, FusedOptimizer opt, at::TensorList cores, int64_t num_embeddings,
@@ -168,10 +168,9 @@ void check_cache_args(const std::string& table, FusedOptimizer opt, at::TensorLi
              "cache optimizer state must have dtype ", at::toOpMathType(like.scalar_type()), ", got ",
              cache_state.scalar_type());
   }
-  TT_CHECK(cache_map.scalar_type() == at::kLong && cache_map.dim() == 2 && cache_map.size(0) >= 2 &&
-               (cache_map.size(0) & (cache_map.size(0) - 1)) == 0 && cache_map.size(1) >= 1,
-           VALUE, table, "cache map must be int64 [2^b (b >= 1), width >= 1], got ", cache_map.scalar_type(), " ",
-           cache_map.sizes());
+  const int64_t entries = int64_t(1) << cache_map_log_buckets(rows);
+  TT_CHECK(cache_map.scalar_type() == at::kLong && cache_map.dim() == 1 && cache_map.numel() == entries, VALUE,
+           table, "cache map must be int64 [", entries, "], got ", cache_map.scalar_type(), " ", cache_map.sizes());
   TT_CHECK(cache_trained.scalar_type() == at::kBool && cache_trained.dim() == 1 && cache_trained.size(0) == rows,
            VALUE, table, "cache trained flags must be bool [", rows, "], got ", cache_trained.scalar_type(), " ",
            cache_trained.sizes());

@@ -119,9 +119,7 @@ def tt_cache_bytes(config: Any, candidate_factor: float = 4.0) -> int:
     """Resident bytes of the hot-row cache (``TTRowCache`` layout): fp32 rows + their fused optimizer
     state + slot ids, trained flags and float64 hit counters (17 B a row) + the frequency tracker of
     ``candidate_factor`` x R candidates (ids, counts, pending ids, steps: 32 B each) + 72 B of counters,
-    plus the derived id -> slot hash map: ``2^ceil(log2 R)`` buckets x the fullest bucket's width x 8 B.
-    That width depends on the ids cached; it is budgeted at ``1 + ceil(log2(R) / 3)`` (measured: 3 at
-    300 random rows, 6-7 at 100k)."""
+    plus the derived id -> slot hash map: ``2^(ceil(log2 R) + 1)`` (>= 2R) entries of 8 B."""
     rows = tt_cache_rows(config)
     if rows <= 0:
         return 0
@@ -130,9 +128,7 @@ def tt_cache_bytes(config: Any, candidate_factor: float = 4.0) -> int:
     state = {"adagrad": rows * dim * _FP32, "rowwise_adagrad": rows * _FP32}.get(opt.name if opt else "", 0)
     candidates = max(rows, int(candidate_factor * rows))
     persistent = rows * dim * _FP32 + state + rows * (_INDEX_BYTES + 1 + 8) + candidates * 4 * _INDEX_BYTES + 72
-    buckets = 1 << max(1, (rows - 1).bit_length())
-    map_width = 1 + math.ceil(math.log2(max(rows, 2)) / 3)
-    return persistent + buckets * map_width * _INDEX_BYTES
+    return persistent + (1 << ((rows - 1).bit_length() + 1)) * _INDEX_BYTES
 
 
 def tt_table_bytes(config: TTEmbeddingBagConfig, autograd_optimizer_factor: float = 0.0) -> TableBytes:

@@ -410,6 +410,15 @@ def test_kernel_path_rejects_bad_cache_arguments_untouched():
         t(torch.tensor([1, 512]), torch.tensor([0])).sum().backward()
     for x, y in zip(before, (*t.cores, c.weight, c.optimizer_state)):
         assert torch.equal(x, y)
+    # a map with no empty entry (garbage ids): probes stop after one pass over it; every id is rebuilt
+    full = torch.full_like(c._map, 600 << c._shift)
+    with torch.no_grad():
+        out, where = ops.tt_cached_embedding_bag_fused(
+            good["cores"], good["optimizer_state"], c.weight.data, c.optimizer_state, full, c.trained, ids, offsets,
+            num_embeddings=512, optimizer="adagrad", learning_rate=0.1, table_name="bad_cache")
+    assert torch.equal(where, torch.full((3,), -1))
+    rows = t.rows(ids).detach()  # bags [1] and [2, 300], all from the cores
+    torch.testing.assert_close(out, torch.stack([rows[0], rows[1:].sum(0)]))
 
 
 def test_opcheck_cached_op():

@@ -133,7 +133,7 @@ def tt_cached_embedding_bag_fused(
     table_name: str = "tt_table",
 ):
     """``tt_embedding_bag_fused`` with a hot-row cache (CPU): ids found in ``cache_map`` (the
-    ``TTRowCache`` id -> slot buckets) read row ``cache_weight[slot]`` instead of the TT chain, and
+    ``TTRowCache`` id -> slot hash map) read row ``cache_weight[slot]`` instead of the TT chain, and
     backward applies ``optimizer`` to those rows too (``cache_state``: their Adagrad state, empty for
     SGD) and sets ``cache_trained[slot]``. Returns the pooled output and, per id, int64 its cache slot
     (-1: rebuilt from the cores, -2: dropped by the bounds check)."""

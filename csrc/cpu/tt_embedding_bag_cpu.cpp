@@ -309,11 +309,10 @@ Args prepare(const std::string& table, at::TensorList cores, const at::Tensor& i
 
 CacheMap cache_map_of(const at::Tensor& map, const at::Tensor& cache_weight) {
   CacheMap c;
-  c.entries = map.data_ptr<int64_t>();
-  c.log_buckets = cache_map_log_buckets(map);
-  c.width = map.size(1);
   c.rows = cache_weight.size(0);
   c.shift = cache_slot_bits(c.rows);
+  c.log_buckets = cache_map_log_buckets(c.rows);
+  c.entries = map.data_ptr<int64_t>();
   return c;
 }
 

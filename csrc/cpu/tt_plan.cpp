@@ -130,7 +130,7 @@ TTPlan build_plan(const std::string& table, const TTShape& s, const at::Tensor& 
   std::vector<int64_t> cache_slot(runs, -1), digits(runs * s.d);
   const DigitSplitter split(s);
   at::parallel_for(0, runs, 512, [&](int64_t lo, int64_t hi) {
-    constexpr int64_t kAhead = 16;  // the map is larger than the caches: overlap the bucket loads
+    constexpr int64_t kAhead = 16;  // the map is larger than the caches: overlap its loads
     for (int64_t r = lo; r < hi; ++r) {
       const int64_t id = keys[run_start[r]];
       if (cache && r + kAhead < hi) cache->prefetch(keys[run_start[r + kAhead]]);

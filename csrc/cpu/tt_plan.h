@@ -4,6 +4,7 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <string>
 #include <vector>
 
@@ -12,26 +13,27 @@
 namespace torchrec_tt::cpu {
 
 // Read-only view of a hot-row cache's id -> slot map (built in Python by TTRowCache._rebuild_map):
-// 2^log_buckets bucket rows of `width` entries (id << shift | slot), -1 = empty; Fibonacci hashing.
+// open addressing with linear probing over 2^log_buckets entries (id << shift | slot), -1 = empty;
+// Fibonacci hashing. A probe stops at an empty entry, or after the whole table (a malformed map).
 struct CacheMap {
   const int64_t* entries = nullptr;
-  int64_t log_buckets = 0, width = 0, shift = 0, rows = 0;
+  int64_t log_buckets = 0, shift = 0, rows = 0;
 
-  const int64_t* bucket(int64_t id) const {
-    return entries + ((static_cast<uint64_t>(id) * 0x9E3779B97F4A7C15ULL) >> (64 - log_buckets)) * width;
+  int64_t home(int64_t id) const {
+    return static_cast<int64_t>((static_cast<uint64_t>(id) * 0x9E3779B97F4A7C15ULL) >> (64 - log_buckets));
   }
-  // Cache slot of a valid id, -1 if it is not cached. A bucket's entries come first, then -1s.
+  // Cache slot of a valid id, -1 if it is not cached.
   int64_t lookup(int64_t id) const {
-    const int64_t* e = bucket(id);
-    for (int64_t i = 0; i < width && e[i] >= 0; ++i) {
-      if ((e[i] >> shift) == id) {
-        const int64_t slot = e[i] & ((int64_t(1) << shift) - 1);
+    const int64_t size = int64_t(1) << log_buckets;
+    for (int64_t i = home(id), n = 0; n < size && entries[i] >= 0; i = (i + 1) & (size - 1), ++n) {
+      if ((entries[i] >> shift) == id) {
+        const int64_t slot = entries[i] & ((int64_t(1) << shift) - 1);
         return slot < rows ? slot : -1;
       }
     }
     return -1;
   }
-  void prefetch(int64_t id) const { __builtin_prefetch(bucket(id)); }
+  void prefetch(int64_t id) const { __builtin_prefetch(entries + home(id)); }
 };
 
 struct TTPlan {

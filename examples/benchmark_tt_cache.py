@@ -40,6 +40,12 @@ def make_table(args, fraction: float, lr: float) -> TTEmbeddingBag:
     return table
 
 
+def cache_bytes(cache) -> int:
+    """Everything the cache holds: rows, their optimizer state, the frequency tracker (candidates and
+    pending ids: 4 x rows each), counters and the id -> slot map."""
+    return sum(t.numel() * t.element_size() for t in (*cache.parameters(), *cache.buffers()))
+
+
 def make_ids(args, layout: str):
     """Batch sampler for a layout: ``zipf`` as is, or ``hashed`` through a fixed bijection of [0, N)."""
     a = 2654435761
@@ -128,7 +134,7 @@ def run_layout(args, layout: str, lr: float, offsets, grad) -> dict:
             st = table.cache_stats()
             e.update(hit_rate=st["hit_rate"], evictions=st["evictions"], rows_written_back=st["rows_written_back"],
                      writeback_residual=st["writeback_residual"],
-                     cache_bytes=table.cache.weight.numel() * table.cache.weight.element_size())
+                     cache_bytes=cache_bytes(table.cache), cache_row_bytes=table.cache.weight.numel() * table.cache.weight.element_size())
             hit = table.cache.slots_of(fresh[0]) >= 0
             e["unique_misses"] = int(fresh[0][~hit].unique().numel())
         else:
@@ -140,7 +146,7 @@ def run_layout(args, layout: str, lr: float, offsets, grad) -> dict:
 def print_layout(args, layout: str, res: dict) -> None:
     print(f"\n### {layout} ids: {res['unique_ids']} unique per batch\n")
     print("| cache | rows | hit rate | unique misses | ms/step median (mean) | vs uncached TT median (mean) | "
-          "vs TBE | memory (MiB) |")
+          "vs TBE | memory: cores + whole cache (MiB) |")
     print("|---|---|---|---|---|---|---|---|")
     for f in args.fractions:
         e = res["caches"][str(f)]

@@ -134,7 +134,8 @@ def run_layout(args, layout: str, lr: float, offsets, grad) -> dict:
             st = table.cache_stats()
             e.update(hit_rate=st["hit_rate"], evictions=st["evictions"], rows_written_back=st["rows_written_back"],
                      writeback_residual=st["writeback_residual"],
-                     cache_bytes=cache_bytes(table.cache), cache_row_bytes=table.cache.weight.numel() * table.cache.weight.element_size())
+                     cache_bytes=cache_bytes(table.cache),
+                     cache_row_bytes=table.cache.weight.numel() * table.cache.weight.element_size())
             hit = table.cache.slots_of(fresh[0]) >= 0
             e["unique_misses"] = int(fresh[0][~hit].unique().numel())
         else:

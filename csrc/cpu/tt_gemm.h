@@ -143,8 +143,8 @@ inline __attribute__((always_inline)) void swap_blocks(typename Vec32<T>::type* 
 }
 
 template <typename T>
-inline __attribute__((always_inline)) void transpose_block(T* __restrict__ dst, int64_t ld_dst, const T* __restrict__ src,
-                                                           int64_t ld_src) {
+inline __attribute__((always_inline)) void transpose_block(T* __restrict__ dst, int64_t ld_dst,
+                                                           const T* __restrict__ src, int64_t ld_src) {
   using V = Vec32<T>;
   typename V::type r[V::L];
 #pragma GCC unroll 8
@@ -158,11 +158,13 @@ inline __attribute__((always_inline)) void transpose_block(T* __restrict__ dst, 
 
 // dst[cols, rows] = src[rows, cols]^T: L x L blocks in registers, the edges element by element.
 template <typename T>
-inline __attribute__((always_inline)) void transpose_blocked(T* __restrict__ dst, const T* __restrict__ src, int64_t rows, int64_t cols) {
+inline __attribute__((always_inline)) void transpose_blocked(T* __restrict__ dst, const T* __restrict__ src,
+                                                             int64_t rows, int64_t cols) {
   constexpr int L = Vec32<T>::L;
   const int64_t rows_b = rows / L * L, cols_b = cols / L * L;
   for (int64_t r0 = 0; r0 < rows_b; r0 += L)
-    for (int64_t c0 = 0; c0 < cols_b; c0 += L) transpose_block<T>(dst + c0 * rows + r0, rows, src + r0 * cols + c0, cols);
+    for (int64_t c0 = 0; c0 < cols_b; c0 += L)
+      transpose_block<T>(dst + c0 * rows + r0, rows, src + r0 * cols + c0, cols);
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t c = r < rows_b ? cols_b : 0; c < cols; ++c) dst[c * rows + r] = src[r * cols + c];
 }

@@ -187,8 +187,8 @@ TTPlan build_plan(const std::string& table, const TTShape& s, const at::Tensor& 
   at::parallel_for(0, runs, 512, [&](int64_t lo, int64_t hi) {
     for (int64_t r = lo; r < hi; ++r) {
       const int64_t u = run_index[r];
-      const bool is_cached = u < 0;
-      int64_t* dst = is_cached ? plan.cached_occ.data() + plan.cached_occ_start[-2 - u] : plan.occ.data() + plan.occ_start[u];
+      int64_t* dst = u < 0 ? plan.cached_occ.data() + plan.cached_occ_start[-2 - u]
+                           : plan.occ.data() + plan.occ_start[u];
       for (int64_t i = run_start[r]; i < run_start[r + 1]; ++i) {
         *dst++ = positions[i];
         plan.slot[positions[i]] = u;

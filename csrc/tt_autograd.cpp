@@ -14,6 +14,8 @@
 #include <string>
 #include <vector>
 
+#include "tt_plan_store.h"
+
 namespace torchrec_tt {
 namespace {
 
@@ -116,6 +118,7 @@ struct LookupFn : public torch::autograd::Function<LookupFn> {
 at::Tensor lookup_autograd(at::TensorList cores, const at::Tensor& indices, const at::Tensor& offsets,
                            const std::optional<at::Tensor>& psw, int64_t num_embeddings, int64_t pooling_mode,
                            bool include_last_offset, int64_t bounds_check_mode, c10::string_view table_name) {
+  const NoBackwardGuard eval(!at::GradMode::is_enabled());
   return LookupFn::apply(cores, indices, offsets, psw, num_embeddings, pooling_mode, include_last_offset,
                          bounds_check_mode, table_name);
 }
@@ -165,6 +168,7 @@ at::Tensor fused_lookup_autograd(at::TensorList cores, at::TensorList optimizer_
                                  int64_t num_embeddings, int64_t pooling_mode, bool include_last_offset,
                                  int64_t bounds_check_mode, c10::string_view optimizer, double learning_rate,
                                  double eps, c10::string_view table_name) {
+  const NoBackwardGuard eval(!at::GradMode::is_enabled());
   return FusedLookupFn::apply(cores, optimizer_state, indices, offsets, psw, num_embeddings, pooling_mode,
                               include_last_offset, bounds_check_mode, optimizer, learning_rate, eps, table_name);
 }
@@ -227,6 +231,7 @@ std::tuple<at::Tensor, at::Tensor> cached_lookup_autograd(
     const at::Tensor& indices, const at::Tensor& offsets, const std::optional<at::Tensor>& psw, int64_t num_embeddings,
     int64_t pooling_mode, bool include_last_offset, int64_t bounds_check_mode, c10::string_view optimizer,
     double learning_rate, double eps, c10::string_view table_name) {
+  const NoBackwardGuard eval(!at::GradMode::is_enabled());
   auto out = CachedLookupFn::apply(cores, optimizer_state, cache_weight, cache_state, cache_map, cache_trained,
                                    indices, offsets, psw, num_embeddings, pooling_mode, include_last_offset,
                                    bounds_check_mode, optimizer, learning_rate, eps, table_name);

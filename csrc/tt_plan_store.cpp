@@ -65,11 +65,20 @@ bool PlanKey::operator==(const PlanKey& other) const {
   return true;
 }
 
+static thread_local bool no_backward_in_scope = false;
+
 bool plan_wanted_by_backward(const at::Tensor& core0) {
   // Grad mode is off inside an autograd.Function's forward, so it cannot tell training from
-  // evaluation here; a table that trains is the criterion (inference mode never trains).
-  return core0.requires_grad() && !c10::InferenceMode::is_enabled();
+  // evaluation here: the autograd kernels look before (NoBackwardGuard); beyond that, a table that
+  // trains is the criterion (inference mode never trains).
+  return core0.requires_grad() && !c10::InferenceMode::is_enabled() && !no_backward_in_scope;
 }
+
+NoBackwardGuard::NoBackwardGuard(bool no_backward) : previous_(no_backward_in_scope) {
+  no_backward_in_scope = previous_ || no_backward;
+}
+
+NoBackwardGuard::~NoBackwardGuard() { no_backward_in_scope = previous_; }
 
 void put_plan(PlanKey key, std::shared_ptr<SavedBatch> saved) {
   // the partial products are added after forward computed them: budget them from the plan's size

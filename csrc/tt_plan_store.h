@@ -48,6 +48,19 @@ struct SavedBatch {
 // Whether forward should store its plan: only when a backward can follow.
 bool plan_wanted_by_backward(const at::Tensor& core0);
 
+// Set by the ops' autograd kernels when grad mode is off (evaluation under torch.no_grad): the
+// forwards in scope then keep no plan, which no backward would take.
+class NoBackwardGuard {
+ public:
+  explicit NoBackwardGuard(bool no_backward);
+  ~NoBackwardGuard();
+  NoBackwardGuard(const NoBackwardGuard&) = delete;
+  NoBackwardGuard& operator=(const NoBackwardGuard&) = delete;
+
+ private:
+  bool previous_;
+};
+
 void put_plan(PlanKey key, std::shared_ptr<SavedBatch> saved);
 
 // What forward stored for `key` (removed from the store), or nullptr.

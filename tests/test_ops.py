@@ -93,8 +93,8 @@ def check_against_reference(b):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_training_and_inference_forward_agree(dtype):
-    """A training forward groups the nodes of a narrow level (here the last: q_d = 4 < r = 32) by
-    digit and runs one product per core slice; inference runs one per node. Same rows either way."""
+    """A narrow level (here the last: q_d = 4 < r = 32) runs one product per core slice over its
+    nodes; a training forward also keeps its plan and partial products for the backward."""
     cores = random_cores([9, 11, 13], [2, 2, 4], [1, 32, 32, 1], dtype=dtype, seed=3)
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 9 * 11 * 13, (500,), generator=g)
@@ -377,6 +377,28 @@ def test_empty_batch_and_empty_bags():
 
 
 # ---- forward hands its plan to backward ------------------------------------------------------------
+
+def test_evaluation_under_no_grad_keeps_no_plan():
+    """A forward of a training table under torch.no_grad has no backward: it must not keep its plan
+    (whose key holds the batch's tensors, and which would churn the store in evaluation)."""
+    import gc
+    import weakref
+    cores = [c.requires_grad_() for c in random_cores([4, 3, 5], [2, 1, 3], [1, 3, 2, 1])]
+    offsets = torch.tensor([0, 9, 25, 40])
+
+    def forward_and_watch_ids():
+        ids = torch.randint(0, 60, (40,))
+        ops.tt_embedding_bag(cores, ids, offsets, num_embeddings=60, include_last_offset=True)
+        return weakref.ref(ids)
+
+    kept = forward_and_watch_ids()  # grad enabled: kept for a backward that may follow
+    gc.collect()
+    assert kept() is not None
+    with torch.no_grad():
+        dropped = forward_and_watch_ids()
+    gc.collect()
+    assert dropped() is None
+
 
 def test_backward_reuses_plan_only_for_the_same_batch():
     """Forward stores its plan for backward, keyed on the ids/offsets/weights tensors themselves: a

@@ -298,7 +298,7 @@ Args prepare(const std::string& table, at::TensorList cores, const at::Tensor& i
   // Backward drops what forward was told to drop (an error would already have been raised there).
   const auto mode = backward ? BoundsCheckMode::kIgnore : static_cast<BoundsCheckMode>(bounds_check_mode);
   a.plan = std::make_shared<const TTPlan>(
-      build_plan(table, a.shape, indices, offsets, psw, include_last_offset, mode, backward || store, cache));
+      build_plan(table, a.shape, indices, offsets, psw, include_last_offset, mode, cache));
   if (store) {
     a.saved = std::make_shared<SavedBatch>();
     a.saved->plan = a.plan;

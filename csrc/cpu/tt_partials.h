@@ -67,7 +67,7 @@ struct Partials {
 // P_k of level k's nodes when a slice is narrower than its rank (n = q_k r_{k+1} < r_k: the last
 // core, n = q_d): one product per slice, summed transposed over the nodes with that digit,
 // [P_k]^T (n x nodes m) = G_k[v]^T @ [P_{k-1}]^T, so the register tiles run along the nodes instead of
-// along n columns. Needs the plan's nodes grouped by digit.
+// along n columns.
 template <typename T>
 void narrow_level_products(const TTShape& s, const TTPlan& plan, const Partials<T>& P, const T* core, int64_t k,
                            int64_t m_prev) {
@@ -128,7 +128,7 @@ Partials<T> compute_partials(const TTShape& s, const TTPlan& plan, at::TensorLis
     }
     const T* core = cores[k].data_ptr<T>();
     const int64_t slice = s.slice_numel(k);
-    if (s.q[k] * s.r[k + 1] < s.r[k] && static_cast<int64_t>(plan.by_digit_start.size()) > k) {
+    if (s.q[k] * s.r[k + 1] < s.r[k]) {
       narrow_level_products(s, plan, P, core, k, m_prev);
       continue;
     }

@@ -87,8 +87,7 @@ void radix_sort_pairs(std::vector<int64_t>& keys, std::vector<int64_t>& vals, in
 
 TTPlan build_plan(const std::string& table, const TTShape& s, const at::Tensor& indices,
                   const at::Tensor& offsets_in, const std::optional<at::Tensor>& per_sample_weights,
-                  bool include_last_offset, BoundsCheckMode mode, bool group_by_digit,
-                  const CacheMap* cache) {
+                  bool include_last_offset, BoundsCheckMode mode, const CacheMap* cache) {
   TTPlan plan;
   const int64_t n = indices.numel();
   const auto offsets = offsets_in.to(at::kLong).contiguous();
@@ -218,19 +217,18 @@ TTPlan build_plan(const std::string& table, const TTShape& s, const at::Tensor& 
     for (int64_t par : plan.parent[k + 1]) ++fc[par + 1];
     for (int64_t j = 0; j < plan.level_size(k); ++j) fc[j + 1] += fc[j];
   }
-  if (group_by_digit) {  // counting sort of each level's nodes by digit
-    plan.by_digit_start.assign(s.d, {});
-    plan.by_digit.assign(s.d, {});
-    for (int64_t k = 0; k < s.d; ++k) {
-      auto& start = plan.by_digit_start[k];
-      auto& order = plan.by_digit[k];
-      start.assign(s.p[k] + 1, 0);
-      for (int64_t dg : plan.digit[k]) ++start[dg + 1];
-      for (int64_t v = 0; v < s.p[k]; ++v) start[v + 1] += start[v];
-      order.resize(plan.level_size(k));
-      std::vector<int64_t> fill(start.begin(), start.end() - 1);
-      for (int64_t j = 0; j < plan.level_size(k); ++j) order[fill[plan.digit[k][j]]++] = j;
-    }
+  // Each level's nodes grouped by digit (counting sort).
+  plan.by_digit_start.assign(s.d, {});
+  plan.by_digit.assign(s.d, {});
+  for (int64_t k = 0; k < s.d; ++k) {
+    auto& start = plan.by_digit_start[k];
+    auto& order = plan.by_digit[k];
+    start.assign(s.p[k] + 1, 0);
+    for (int64_t dg : plan.digit[k]) ++start[dg + 1];
+    for (int64_t v = 0; v < s.p[k]; ++v) start[v + 1] += start[v];
+    order.resize(plan.level_size(k));
+    std::vector<int64_t> fill(start.begin(), start.end() - 1);
+    for (int64_t j = 0; j < plan.level_size(k); ++j) order[fill[plan.digit[k][j]]++] = j;
   }
   return plan;
 }

@@ -53,7 +53,8 @@ struct TTPlan {
   std::vector<std::vector<int64_t>> digit;        // digit i_{k+1} of each node
   std::vector<std::vector<int64_t>> parent;       // node of level k-1 (k >= 1)
   std::vector<std::vector<int64_t>> first_child;  // CSR of children at level k+1 (k < d-1)
-  // Nodes of level k grouped by digit, so each core slice's gradient is summed by one thread.
+  // Nodes of level k grouped by digit: each core slice's gradient is summed by one thread, and a
+  // narrow level's products run one per slice.
   std::vector<std::vector<int64_t>> by_digit_start, by_digit;
 
   int64_t num_unique() const { return static_cast<int64_t>(occ_start.size()) - 1; }
@@ -65,7 +66,6 @@ struct TTPlan {
 // cache, ids it holds are left out of the prefix tree (their rows are copies, not products).
 TTPlan build_plan(const std::string& table, const TTShape& s, const at::Tensor& indices,
                   const at::Tensor& offsets, const std::optional<at::Tensor>& per_sample_weights,
-                  bool include_last_offset, BoundsCheckMode mode, bool group_by_digit,
-                  const CacheMap* cache = nullptr);
+                  bool include_last_offset, BoundsCheckMode mode, const CacheMap* cache = nullptr);
 
 }  // namespace torchrec_tt::cpu

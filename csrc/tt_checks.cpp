@@ -141,7 +141,7 @@ int64_t cache_slot_bits(int64_t rows) {
   return std::max<int64_t>(std::bit_width(static_cast<uint64_t>(rows)), 1);
 }
 
-int64_t cache_map_log_buckets(int64_t rows) {
+int64_t cache_map_log_size(int64_t rows) {
   return std::bit_width(static_cast<uint64_t>(rows - 1)) + 1;
 }
 
@@ -168,7 +168,7 @@ void check_cache_args(const std::string& table, FusedOptimizer opt, at::TensorLi
              "cache optimizer state must have dtype ", at::toOpMathType(like.scalar_type()), ", got ",
              cache_state.scalar_type());
   }
-  const int64_t entries = int64_t(1) << cache_map_log_buckets(rows);
+  const int64_t entries = int64_t(1) << cache_map_log_size(rows);
   TT_CHECK(cache_map.scalar_type() == at::kLong && cache_map.dim() == 1 && cache_map.numel() == entries, VALUE,
            table, "cache map must be int64 [", entries, "], got ", cache_map.scalar_type(), " ", cache_map.sizes());
   TT_CHECK(cache_trained.scalar_type() == at::kBool && cache_trained.dim() == 1 && cache_trained.size(0) == rows,

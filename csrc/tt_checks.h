@@ -63,7 +63,7 @@ void check_optimizer_state(const std::string& table, FusedOptimizer opt, at::Ten
 
 // Hot-row cache arguments: rows [C, D] like the cores, optimizer state for them ([C, D] Adagrad,
 // [C] row-wise Adagrad, ignored for SGD), the id -> slot map of TTRowCache (int64 [2^b],
-// b = cache_map_log_buckets(C), linear probing, entries id << cache_slot_bits(C) | slot, -1 empty)
+// b = cache_map_log_size(C), linear probing, entries id << cache_slot_bits(C) | slot, -1 empty)
 // and the per-slot "trained" flags ([C] bool).
 void check_cache_args(const std::string& table, FusedOptimizer opt, at::TensorList cores, int64_t num_embeddings,
                       const at::Tensor& cache_weight, const at::Tensor& cache_state, const at::Tensor& cache_map,
@@ -71,7 +71,7 @@ void check_cache_args(const std::string& table, FusedOptimizer opt, at::TensorLi
 // Bits of a map entry that hold the slot: bit length of C (at least 1), as TTRowCache computes it.
 int64_t cache_slot_bits(int64_t rows);
 // log2 of the map's size for a cache of C rows (at least 2 C entries), as TTRowCache computes it.
-int64_t cache_map_log_buckets(int64_t rows);
+int64_t cache_map_log_size(int64_t rows);
 
 // Checks the values of offsets (and per_sample_weights) on the host: first offset 0,
 // non-decreasing, consistent with the number of ids; weights finite.

@@ -207,7 +207,3 @@ def _(grad_output, cores, optimizer_state, cache_weight, cache_state, cache_map,
       eps, table_name):
     return None
 
-
-# ---- autograd ------------------------------------------------------------------------------------
-# The formulas of tt_embedding_bag, tt_embedding_bag_fused and tt_cached_embedding_bag_fused are
-# registered in C++ (csrc/tt_autograd.cpp), so a training step runs no Python around the kernels.

@@ -311,7 +311,7 @@ CacheMap cache_map_of(const at::Tensor& map, const at::Tensor& cache_weight) {
   CacheMap c;
   c.rows = cache_weight.size(0);
   c.shift = cache_slot_bits(c.rows);
-  c.log_buckets = cache_map_log_buckets(c.rows);
+  c.log_size = cache_map_log_size(c.rows);
   c.entries = map.data_ptr<int64_t>();
   return c;
 }

@@ -4,7 +4,6 @@
 #pragma once
 #include <ATen/ATen.h>
 
-#include <algorithm>
 #include <string>
 #include <vector>
 
@@ -13,18 +12,18 @@
 namespace torchrec_tt::cpu {
 
 // Read-only view of a hot-row cache's id -> slot map (built in Python by TTRowCache._rebuild_map):
-// open addressing with linear probing over 2^log_buckets entries (id << shift | slot), -1 = empty;
+// open addressing with linear probing over 2^log_size entries (id << shift | slot), -1 = empty;
 // Fibonacci hashing. A probe stops at an empty entry, or after the whole table (a malformed map).
 struct CacheMap {
   const int64_t* entries = nullptr;
-  int64_t log_buckets = 0, shift = 0, rows = 0;
+  int64_t log_size = 0, shift = 0, rows = 0;
 
   int64_t home(int64_t id) const {
-    return static_cast<int64_t>((static_cast<uint64_t>(id) * 0x9E3779B97F4A7C15ULL) >> (64 - log_buckets));
+    return static_cast<int64_t>((static_cast<uint64_t>(id) * 0x9E3779B97F4A7C15ULL) >> (64 - log_size));
   }
   // Cache slot of a valid id, -1 if it is not cached.
   int64_t lookup(int64_t id) const {
-    const int64_t size = int64_t(1) << log_buckets;
+    const int64_t size = int64_t(1) << log_size;
     for (int64_t i = home(id), n = 0; n < size && entries[i] >= 0; i = (i + 1) & (size - 1), ++n) {
       if ((entries[i] >> shift) == id) {
         const int64_t slot = entries[i] & ((int64_t(1) << shift) - 1);

@@ -160,8 +160,8 @@ class TTRowCache(nn.Module):
         self.register_buffer("writeback_stats", torch.zeros(3, device=dev, dtype=torch.float64))
         # id -> slot hash map (derived, rebuilt at refresh/load): open addressing, 2^b >= 2 x rows
         # entries (id << shift | slot), -1 = empty; _map_probes: the longest probe run it holds
-        self._shift, self._log_buckets = max(1, self.rows.bit_length()), (self.rows - 1).bit_length() + 1
-        self.register_buffer("_map", torch.full((1 << self._log_buckets,), -1, **long), persistent=False)
+        self._shift, self._log_map_size = max(1, self.rows.bit_length()), (self.rows - 1).bit_length() + 1
+        self.register_buffer("_map", torch.full((1 << self._log_map_size,), -1, **long), persistent=False)
         self._map_probes = 1
         self.steps = self.fill = self.merged_at = 0
         # replicas that must agree on the cached rows: the default group when one is initialised;
@@ -185,8 +185,9 @@ class TTRowCache(nn.Module):
     def _set_counters(self) -> None:
         self.counters.copy_(torch.tensor([self.steps, self.fill, self.merged_at]))
 
-    def _bucket(self, ids: torch.Tensor) -> torch.Tensor:
-        return ((ids * _GOLDEN) >> (64 - self._log_buckets)) & ((1 << self._log_buckets) - 1)
+    def _home(self, ids: torch.Tensor) -> torch.Tensor:
+        """Each id's home entry in the map (Fibonacci hashing, as CacheMap::home in csrc/cpu/tt_plan.h)."""
+        return ((ids * _GOLDEN) >> (64 - self._log_map_size)) & ((1 << self._log_map_size) - 1)
 
     def _rebuild_map(self) -> None:
         """Rebuild the id -> slot hash map from ``cached_ids`` (so no slot can go stale).
@@ -196,19 +197,19 @@ class TTRowCache(nn.Module):
         with tensor ops, all unplaced ids probing their next entry at once; an entry, once taken,
         stays taken, so every id's run from its home entry is unbroken, as sequential insertion
         would leave it."""
-        size = 1 << self._log_buckets
+        size = 1 << self._log_map_size
         slots = torch.nonzero(self.cached_ids >= 0).reshape(-1)
         ids = self.cached_ids.index_select(0, slots)
-        entry, home = (ids << self._shift) | slots, self._bucket(ids)
+        entry, home = (ids << self._shift) | slots, self._home(ids)
         table = torch.full((size,), -1, dtype=torch.long, device=ids.device)
-        order = torch.arange(ids.numel(), device=ids.device)
+        order = torch.arange(ids.numel(), device=ids.device)  # the unplaced ids, by rank
+        claim = torch.empty(size, dtype=torch.long, device=ids.device)
         probe = 0
         while order.numel():
             at = (home.index_select(0, order) + probe) & (size - 1)
             free = table.index_select(0, at) < 0
-            claim = torch.full((size,), order.numel(), dtype=torch.long, device=ids.device)
             rank = torch.arange(order.numel(), device=ids.device)
-            claim.scatter_reduce_(0, at[free], rank[free], reduce="amin")  # lowest rank wins an entry
+            claim.fill_(order.numel()).scatter_reduce_(0, at[free], rank[free], reduce="amin")  # lowest rank wins
             won = free & (claim.index_select(0, at) == rank)
             table[at[won]] = entry.index_select(0, order[won])
             order, probe = order[~won], probe + 1
@@ -245,8 +246,8 @@ class TTRowCache(nn.Module):
     def slots_of(self, ids: torch.Tensor) -> torch.Tensor:
         """Slot of each id (int64), -1 where the id is not cached."""
         ids = ids.long()
-        size = 1 << self._log_buckets
-        at = (self._bucket(ids).unsqueeze(1) + torch.arange(self._map_probes, device=ids.device)) & (size - 1)
+        probes = torch.arange(self._map_probes, device=ids.device)
+        at = (self._home(ids).unsqueeze(1) + probes) & (self._map.numel() - 1)
         rows = self._map.index_select(0, at.reshape(-1)).reshape(at.shape)  # each id's longest possible run
         mask = (1 << self._shift) - 1
         raw = torch.where((rows >= 0) & ((rows >> self._shift) == ids.unsqueeze(1)), rows & mask, -1).amax(1)

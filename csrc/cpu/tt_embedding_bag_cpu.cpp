@@ -37,9 +37,8 @@ const T* gather_cached_rows(const TTPlan& plan, const T* cache_w, int64_t D) {
   if (plan.num_cached() == 0) return nullptr;
   T* rows = scratch<T>(kCachedRows, plan.num_cached() * D);
   parallel_chunks(0, plan.num_cached(), 256, [&](int64_t lo, int64_t hi) {
-    constexpr int64_t kAhead = 16;
     for (int64_t c = lo; c < hi; ++c) {
-      if (c + kAhead < hi) __builtin_prefetch(cache_w + plan.cached_slot[c + kAhead] * D);
+      if (c + kPrefetchAhead < hi) __builtin_prefetch(cache_w + plan.cached_slot[c + kPrefetchAhead] * D);
       std::copy_n(cache_w + plan.cached_slot[c] * D, D, rows + c * D);
     }
   });
@@ -106,12 +105,12 @@ void backward_impl(const TTShape& s, const TTPlan& plan, at::TensorList cores, c
   const auto g_t = grad_out.contiguous();
   const T* g = g_t.data_ptr<T>();
 
-  if (psw_grad) {
-    const T* cached_rows = cache_w ? gather_cached_rows(plan, cache_w, D) : nullptr;
+  if (psw_grad) {  // only the plain op asks for weight gradients, and it has no cache
+    TORCH_INTERNAL_ASSERT(cache_w == nullptr, "per-sample-weight gradients of a cached lookup");
     parallel_chunks(0, static_cast<int64_t>(plan.slot.size()), kBagGrain, [&](int64_t lo, int64_t hi) {
       for (int64_t pos = lo; pos < hi; ++pos) {
         if (plan.slot[pos] == -1) continue;
-        const T* row = row_of(s, plan, P, cached_rows, pos);
+        const T* row = row_of<T>(s, plan, P, nullptr, pos);
         const T* gb = g + plan.bag_of[pos] * D;
         T dot = 0;
         for (int64_t e = 0; e < D; ++e) dot += row[e] * gb[e];
@@ -126,7 +125,7 @@ void backward_impl(const TTShape& s, const TTPlan& plan, at::TensorList cores, c
     thread_local std::vector<T> du;
     du.resize(D);
     for (int64_t c = lo; c < hi; ++c) {
-      if (c + 16 < hi) __builtin_prefetch(cache_w + plan.cached_slot[c + 16] * D, 1);
+      if (c + kPrefetchAhead < hi) __builtin_prefetch(cache_w + plan.cached_slot[c + kPrefetchAhead] * D, 1);
       const int64_t first = plan.cached_occ_start[c];
       row_grad(plan, psw, mean, g, D, plan.cached_occ.data() + first, plan.cached_occ_start[c + 1] - first, du.data());
       on_cached_row(plan.cached_slot[c], du.data());
@@ -200,24 +199,21 @@ void backward_impl(const TTShape& s, const TTPlan& plan, at::TensorList cores, c
     // dG_k[v] = sum over nodes with digit v of P_{k-1}[parent]^T @ dP_k[node], one thread per slice:
     // the nodes' P and dP rows are stacked so the sum is one product of depth (nodes x m_{k-1}), whose
     // register tiles then stay in registers across all the nodes.
+    // A narrow level's slice gradient is summed transposed, dG^T = sum dP^T @ P.
     const int64_t p_rows = m * s.r[k];
-    // A slice narrower than its rank (the last core: n = q_d) is summed transposed, dG^T = sum
-    // dP^T @ P, so the register tiles run along r_k instead of along a few columns.
-    const bool narrow = n < s.r[k];
+    const bool narrow = narrow_level(s, k);
     parallel_chunks(0, s.p[k], kNodeGrain, [&](int64_t lo, int64_t hi) {
       thread_local std::vector<T> buf, buf_t, a_stack, b_stack;  // per worker, reused across calls
       buf.resize(slice);
-      buf_t.resize(slice);
+      if (narrow) buf_t.resize(slice);
       for (int64_t v = lo; v < hi; ++v) {
         const int64_t nodes = start[v + 1] - start[v];
         if (nodes == 0) continue;
         a_stack.resize(std::max<size_t>(a_stack.size(), nodes * p_rows));
         b_stack.resize(std::max<size_t>(b_stack.size(), nodes * m * n));
-        for (int64_t t = 0; t < nodes; ++t) {
-          const int64_t j = order[start[v] + t];
-          std::copy_n(P.node(plan, k - 1, plan.parent[k][j]), p_rows, a_stack.data() + t * p_rows);
-          std::copy_n(d_cur + j * m * n, m * n, b_stack.data() + t * m * n);
-        }
+        stack_parent_partials(plan, P, k, v, p_rows, a_stack.data());
+        for (int64_t t = 0; t < nodes; ++t)
+          std::copy_n(d_cur + order[start[v] + t] * m * n, m * n, b_stack.data() + t * m * n);
         if (narrow) {
           std::fill(buf_t.begin(), buf_t.end(), T(0));
           gemm_tn_acc(buf_t.data(), b_stack.data(), a_stack.data(), nodes * m, n, s.r[k]);

@@ -19,6 +19,7 @@ constexpr int64_t kNodeGrain = 8;   // prefix-tree nodes: a small product each
 constexpr int64_t kRowGrain = 64;   // row gradients: a few sums each; fewer turns of the shared counter
 constexpr int64_t kBagGrain = 64;
 constexpr int64_t kFusedFanOut = 32;  // most children of one parent for per-parent gradient sums
+constexpr int64_t kPrefetchAhead = 16;  // scattered cache rows are prefetched this many ids ahead
 
 // Scratch buffers reused across calls on the calling thread (worker threads only see pointers).
 // Fresh multi-MB vectors every step cost page faults, since glibc hands large blocks back to the
@@ -64,10 +65,24 @@ struct Partials {
   }
 };
 
-// P_k of level k's nodes when a slice is narrower than its rank (n = q_k r_{k+1} < r_k: the last
-// core, n = q_d): one product per slice, summed transposed over the nodes with that digit,
-// [P_k]^T (n x nodes m) = G_k[v]^T @ [P_{k-1}]^T, so the register tiles run along the nodes instead of
-// along n columns.
+// A level whose slices are narrower than its rank (n = q_k r_{k+1} < r_k: the last core, n = q_d):
+// its products and slice gradients are computed transposed, so the register tiles run along r_k
+// or the nodes instead of along n columns.
+inline bool narrow_level(const TTShape& s, int64_t k) { return s.q[k] * s.r[k + 1] < s.r[k]; }
+
+// The partial products P_{k-1} (node_numel = m_{k-1} r_k values each) of the parents of level k's
+// nodes with digit v, one after the other in `dst`, in the plan's by-digit order.
+template <typename T>
+void stack_parent_partials(const TTPlan& plan, const Partials<T>& P, int64_t k, int64_t v, int64_t node_numel,
+                           T* dst) {
+  const auto& start = plan.by_digit_start[k];
+  const auto& order = plan.by_digit[k];
+  for (int64_t t = 0; t < start[v + 1] - start[v]; ++t)
+    std::copy_n(P.node(plan, k - 1, plan.parent[k][order[start[v] + t]]), node_numel, dst + t * node_numel);
+}
+
+// P_k of a narrow level's nodes: one product per slice, summed transposed over the nodes with that
+// digit, [P_k]^T (n x nodes m) = G_k[v]^T @ [P_{k-1}]^T.
 template <typename T>
 void narrow_level_products(const TTShape& s, const TTPlan& plan, const Partials<T>& P, const T* core, int64_t k,
                            int64_t m_prev) {
@@ -82,10 +97,7 @@ void narrow_level_products(const TTShape& s, const TTPlan& plan, const Partials<
       stack.resize(std::max<size_t>(stack.size(), rows * r));
       stack_t.resize(std::max<size_t>(stack_t.size(), rows * r));
       out_t.resize(std::max<size_t>(out_t.size(), rows * n));
-      for (int64_t t = 0; t < nodes; ++t) {
-        const int64_t j = order[start[v] + t];
-        std::copy_n(P.node(plan, k - 1, plan.parent[k][j]), m_prev * r, stack.data() + t * m_prev * r);
-      }
+      stack_parent_partials(plan, P, k, v, m_prev * r, stack.data());
       transpose(stack_t.data(), stack.data(), rows, r);
       std::fill_n(out_t.data(), rows * n, T(0));
       gemm_tn_acc(out_t.data(), core + v * slice, stack_t.data(), r, n, rows);
@@ -128,7 +140,7 @@ Partials<T> compute_partials(const TTShape& s, const TTPlan& plan, at::TensorLis
     }
     const T* core = cores[k].data_ptr<T>();
     const int64_t slice = s.slice_numel(k);
-    if (s.q[k] * s.r[k + 1] < s.r[k]) {
+    if (narrow_level(s, k)) {
       narrow_level_products(s, plan, P, core, k, m_prev);
       continue;
     }

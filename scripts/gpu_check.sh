@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
 # One-shot check on a GPU machine: build the CUDA kernels in place, run the CUDA tests, the CUDA
 # benchmark and a kernel profile. Run from the repository root with $OUT set; everything of interest
-# lands in $OUT (build.log, tests.log, bench_cuda.{json,md}, profile.log, summary.txt).
+# lands in $OUT (build.log, tests.log, bench.md (every round), bench_cuda.json (round 1), profile.log,
+# summary.txt).
 # BASELINE=dir (a source tree of an earlier commit, e.g. `git archive HEAD csrc torchrec_tt planner
 # setup.py examples tests | tar -x -C .ab/old`, carried): built in parallel, its CUDA tests run
-# (tests_baseline.log) and benchmarked right after ours on the same machine (bench_baseline.md).
+# (tests_baseline.log) and benchmarked right after ours on the same machine (in bench.md).
+# BASELINE_ENV="VAR=value ..." (instead of BASELINE): the baseline is this same build run with those
+# environment variables (e.g. TORCHREC_TT_CUDA_SMALL_PLAN=0: the general plan path). ROUNDS=k runs
+# the two benchmarks k times, alternating (all rounds in bench.md).
 # Each step is time-boxed and a failing step does not stop the next one, so one run gives as much
 # information as possible. Seen on an H200: ~100 s with a baseline (worst case ~9 minutes).
 set -x
@@ -64,14 +68,27 @@ step tests_cuda 140 bash -c "set -o pipefail; $PY -m pytest -q --maxfail=10 -rfE
 
 # ---- benchmark (ours, then the baseline on the same machine) and profile ----
 [ -n "${BASELINE:-}" ] && { wait; tail -n 3 /tmp/build_baseline.log; }  # no build running while we time
-step bench 150 bash -c "set -o pipefail; $PY examples/benchmark_tt_embedding_cuda.py --iters 30 --warmup 5 --json '$OUT/bench_cuda.json' --markdown '$OUT/bench_cuda.md'"
-if [ -n "${BASELINE:-}" ]; then
-  if [ -d "$BASELINE/tests" ]; then
-    step tests_baseline 90 bash -c "cd '$BASELINE' && PYTHONPATH='$BASELINE' $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tail -n 15 > '$OUT/tests_baseline.log'"
+ROUNDS="${ROUNDS:-1}"
+BENCH="$PY examples/benchmark_tt_embedding_cuda.py --iters 30 --warmup 5"
+note() { printf '\n## %s\n\n' "$1" >> "$OUT/bench.md"; cat /tmp/bench_round.md >> "$OUT/bench.md" 2>/dev/null; rm -f /tmp/bench_round.md; }
+for i in $(seq 1 "$ROUNDS"); do
+  json=$([ "$i" = 1 ] && echo "--json $OUT/bench_cuda.json" || true)
+  step "bench_$i" 150 bash -c "set -o pipefail; $BENCH $json --markdown /tmp/bench_round.md"
+  note "round $i: this tree"
+  if [ -n "${BASELINE:-}" ]; then
+    if [ "$i" = 1 ] && [ -d "$BASELINE/tests" ]; then
+      step tests_baseline 90 bash -c "cd '$BASELINE' && PYTHONPATH='$BASELINE' $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tail -n 15 > '$OUT/tests_baseline.log'"
+    fi
+    step "bench_baseline_$i" 150 bash -c "PYTHONPATH='$BASELINE' $BENCH --markdown /tmp/bench_round.md > /dev/null"
+    note "round $i: baseline tree $BASELINE"
+  elif [ -n "${BASELINE_ENV:-}" ]; then
+    step "bench_baseline_$i" 150 bash -c "env $BASELINE_ENV $BENCH --markdown /tmp/bench_round.md > /dev/null"
+    note "round $i: this tree with $BASELINE_ENV"
   fi
-  step bench_baseline 150 bash -c "PYTHONPATH='$BASELINE' $PY examples/benchmark_tt_embedding_cuda.py --iters 30 --warmup 5 --markdown '$OUT/bench_baseline.md' > /dev/null"
-fi
+done
+cat "$OUT/bench.md"
 step profile 90 bash -c "$PY examples/profile_tt_embedding_cuda.py > '$OUT/profile.log' 2>&1"
+[ -n "${BASELINE_ENV:-}" ] && step profile_baseline 90 bash -c "env $BASELINE_ENV $PY examples/profile_tt_embedding_cuda.py > '$OUT/profile_baseline.log' 2>&1"
 sed -n "/one step/,/^===/p" "$OUT/profile.log" | head -n 120
 
 printf '%s\n' "${status[@]}" | tee "$OUT/summary.txt"

@@ -22,6 +22,13 @@ pytestmark = pytest.mark.skipif(DEV == "cuda" and not torch.cuda.is_available(),
 cuda_only = pytest.mark.skipif(DEV != "cuda", reason="CUDA-specific behaviour")
 OPS = torch.ops.torchrec_tt
 
+@pytest.fixture(autouse=True, params=["one_block_plan", "general_plan"])
+def plan_path(request, monkeypatch):
+    """Every test on both plan paths: batches of up to 11,264 ids take the one-block plan kernels
+    unless TORCHREC_TT_CUDA_SMALL_PLAN=0 (read by the op at each call)."""
+    monkeypatch.setenv("TORCHREC_TT_CUDA_SMALL_PLAN", "1" if request.param == "one_block_plan" else "0")
+    return request.param
+
 
 # ---- cases --------------------------------------------------------------------------------------
 
@@ -327,6 +334,55 @@ def test_half_fused_update_close_to_float32(dtype, tol, name):
     for a, b in zip(cores16 + st16, cores32 + st32):
         close(a, b, tol * max(1.0, float(b.abs().max())))
 
+
+
+# ---- the one-block plan (small batches) against the general plan -----------------------------------
+
+def plan_outputs(cores, ids, offsets, psw, n_rows, include_last, mode, grad):
+    """Forward output, then the cores and row-wise Adagrad state after a fused backward (the whole
+    plan feeds these: any difference in it shows)."""
+    cs = [x.clone() for x in cores]
+    state = [torch.zeros(x.shape[0], device=x.device) for x in cs]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = OPS.tt_embedding_bag(cs, ids, offsets, psw, n_rows, 0, include_last, mode, "t")
+    OPS.tt_embedding_bag_backward_fused_(grad, cs, state, ids, offsets, psw, n_rows, 0, include_last,
+                                         "rowwise_adagrad", 0.05, 1e-8, "t")
+    return [out] + cs + state
+
+
+@cuda_only
+@pytest.mark.parametrize("n,n_rows,bad,bags", [
+    (1, 1, 0, 1), (700, 2 ** 10 - 1, 9, 100), (4096, 2 ** 12 - 1, 0, 585), (11_263, 3_000, 40, 1609),
+    (11_264, 200_000, 0, 1609), (11_265, 200_000, 0, 1609), (3000, 5 * 10 ** 9, 5, 428), (9000, 50_000, 3, 4),
+    (5000, 50_000, 0, 300)])
+def test_one_block_plan_equals_general_plan(n, n_rows, bad, bags, monkeypatch):
+    """Bitwise-equal results from both plan paths: at the one-block capacity (11,264 ids) and just
+    over it, N = 2^k - 1 (the invalid-id sentinel has every key bit set), invalid ids dropped
+    (ignore mode), N >= 2^32 (general sort keys on both), bags longer than 64 ids (filled by the
+    whole block) and many empty bags."""
+    g = torch.Generator().manual_seed(n)
+    p = [2 ** 10, 2 ** 10, 2 ** 10] if n_rows < 2 ** 30 else [80_000, 80_000]
+    d = len(p)
+    cores = [x.float().to(DEV) for x in random_cores(p, [2] * d, [1] + [3] * (d - 1) + [1], n, torch.float32)]
+    ids = torch.randint(0, n_rows, (n,), generator=g)
+    ids[torch.randperm(n, generator=g)[:bad]] = torch.tensor([-1, n_rows, n_rows + 5])[torch.arange(bad) % 3]
+    ids[: n // 3] = ids[n // 3: 2 * (n // 3)]  # shared prefixes and repeated rows
+    offsets = torch.sort(torch.randint(0, n + 1, (bags,), generator=g)).values
+    offsets[0] = 0
+    if bags == 300:
+        offsets[100:250] = offsets[100]  # 150 empty bags in a row
+    psw = torch.rand(n, generator=g) + 0.5
+    grad = torch.randn(offsets.numel(), 2 ** d, generator=g).to(DEV)
+    args = [ids.to(DEV), offsets.to(DEV), psw.to(DEV), n_rows, False, 2 if bad else 0, grad]
+    results = {}
+    for path in ("1", "0"):
+        monkeypatch.setenv("TORCHREC_TT_CUDA_SMALL_PLAN", path)
+        results[path] = plan_outputs(cores, *args)
+    for a, b in zip(results["1"], results["0"]):
+        assert torch.equal(a, b)
+    close(results["1"][0], OPS.tt_embedding_bag([c.cpu() for c in cores], ids, offsets, psw, n_rows, 0, False,
+                                                2, "t"), 1e-4)
 
 # ---- determinism --------------------------------------------------------------------------------
 

@@ -182,18 +182,22 @@ at::Tensor forward(const std::string& table, const Prepared& a, at::TensorList c
   const int64_t B = a.batch.num_bags, D = a.shape.embedding_dim;
   const bool compute = a.batch.n > 0 && B > 0;
   at::Tensor out = compute ? at::empty({B, D}, cores[0].options()) : at::zeros({B, D}, cores[0].options());
+  // Small batches: the plan kernel validates in the same launch, also in ignore mode when a backward
+  // can follow (the record guards that backward, which then launches no validation of its own).
+  const bool plan_checks = compute && kern::forward_validates(a.dims, a.batch) &&
+                           (validate || plan_wanted_by_backward(cores[0]));
   at::Tensor record, plan;
-  if (validate) record = at::empty({4}, cores[0].options().dtype(at::kLong));
+  if (validate || plan_checks) record = at::empty({4}, cores[0].options().dtype(at::kLong));
   dispatch(table, cores[0].scalar_type(), a.indices.scalar_type(), [&](auto dt, auto it) {
     using S = typename decltype(dt)::scalar;
     using T = typename decltype(dt)::cuda;
     using Id = typename decltype(it)::type;
     const Id* ids = a.indices.numel() > 0 ? a.indices.data_ptr<Id>() : nullptr;
     const T* psw = a.psw.defined() ? reinterpret_cast<const T*>(a.psw.data_ptr<S>()) : nullptr;
-    if (validate) {
-      auto* rec = reinterpret_cast<kern::ErrorRecord*>(record.data_ptr<int64_t>());
-      C10_CUDA_CHECK((kern::launch_validate<T, Id>(a.dims, a.batch, ids, psw, mode == BoundsCheckMode::kError, rec,
-                                                   stream)));
+    auto* rec = record.defined() ? reinterpret_cast<kern::ErrorRecord*>(record.data_ptr<int64_t>()) : nullptr;
+    const bool id_errors = mode == BoundsCheckMode::kError;
+    if (validate && !plan_checks) {
+      C10_CUDA_CHECK((kern::launch_validate<T, Id>(a.dims, a.batch, ids, psw, id_errors, rec, stream)));
     }
     if (!compute) return;
     kern::CorePtrs<const T> cp;
@@ -201,7 +205,8 @@ at::Tensor forward(const std::string& table, const Prepared& a, at::TensorList c
     const size_t bytes = kern::forward_workspace_bytes(a.dims, a.batch);
     plan = workspace(bytes, cores[0]);
     C10_CUDA_CHECK((kern::launch_forward<T, Id>(a.dims, a.batch, ids, psw, cp, reinterpret_cast<T*>(out.data_ptr<S>()),
-                                                plan.data_ptr(), bytes, stream)));
+                                                plan_checks ? rec : nullptr, id_errors, plan.data_ptr(), bytes,
+                                                stream)));
   });
   if (validate) {
     // The only host synchronisation of these ops (error / warn mode): a 32-byte copy.
@@ -211,7 +216,7 @@ at::Tensor forward(const std::string& table, const Prepared& a, at::TensorList c
   if (plan.defined() && plan_wanted_by_backward(cores[0])) {  // a valid batch whose backward can follow
     auto saved = std::make_shared<SavedBatch>();
     saved->device_workspace = plan;
-    saved->device_record = record;  // checked above (undefined in ignore mode)
+    saved->device_record = record;  // validated above (error / warn mode, or by the small-batch plan kernel)
     put_plan(*a.key, std::move(saved));
   }
   return out;

@@ -9,9 +9,13 @@
 #include <cub/device/device_radix_sort.cuh>
 #include <cub/device/device_scan.cuh>
 
+#include <cstdlib>
+#include <cstring>
+
 #include "tt_grad_kernels.cuh"
 #include "tt_kernels.cuh"
 #include "tt_plan_kernels.cuh"
+#include "tt_small_plan_kernels.cuh"
 #include "tt_workspace.cuh"
 
 namespace torchrec_tt::cuda {
@@ -34,6 +38,18 @@ int chunk_for(int64_t fixed_bytes, int64_t per_node_bytes) {
   return static_cast<int>(c <= 0 ? 0 : (c > kNodeChunk ? kNodeChunk : c));
 }
 
+// The one-block kernels (tt_small_plan_kernels.cuh) take batches of up to kSmallPlanMax ids, the
+// plan kernel only tables of N < 2^32 rows (32-bit sort keys). TORCHREC_TT_CUDA_SMALL_PLAN=0 turns
+// them off (read at each call: the tests run both paths in one process).
+bool small_plans_enabled() {
+  const char* v = std::getenv("TORCHREC_TT_CUDA_SMALL_PLAN");
+  return v == nullptr || std::strcmp(v, "0") != 0;
+}
+bool small_batch(const Sizes& sz) { return sz.n <= kSmallPlanMax && small_plans_enabled(); }
+bool small_plan(const TTDims& t, const Sizes& sz) {
+  return small_batch(sz) && static_cast<unsigned long long>(t.num_embeddings) <= 0xffffffffull;
+}
+
 // Level k of a training plan: its nodes grouped by digit (dp is set by backward).
 LevelArgs group_level_args(const Sizes& sz, int k, int m_prev, int rk, int nk, const PlanWorkspace& w) {
   LevelArgs a{};
@@ -51,6 +67,12 @@ LevelArgs group_level_args(const Sizes& sz, int k, int m_prev, int rk, int nk, c
 // Backward's view of the plan: every level's nodes grouped by (level, digit) in one radix sort, into
 // the plan workspace's group arrays (what forward left there is otherwise only read).
 cudaError_t group_nodes_by_digit(const Sizes& sz, const Plan& pl, const PlanWorkspace& w, cudaStream_t stream) {
+  if (small_batch(sz)) {  // every level has <= n <= kSmallPlanMax nodes: one block per level
+    small_group_kernel<<<sz.d, kSmallBlock, 0, stream>>>(pl, sz.group, w.gkeys_out, w.order, w.seg,
+                                                           w.seg + sz.group_segs());
+    TT_LAUNCHED();
+    return cudaSuccess;
+  }
   const int64_t nodes = sz.group_nodes();
   const int64_t items = nodes > 2 * sz.group_segs() ? nodes : 2 * sz.group_segs();
   group_keys_kernel<<<grid_for(items, kFlatBlock), kFlatBlock, 0, stream>>>(pl, sz.group, w.gkeys_in, w.gvals_in,
@@ -82,12 +104,10 @@ Plan plan_view(const Sizes& sz, const PlanWorkspace& w) {
   return pl;
 }
 
-// Sorts the ids and builds the prefix tree (steps 1-2), then P_0..P_last_level (bag sizes: pool_kernel, or
-// bag_count_kernel in a backward without forward's plan).
-template <typename T, typename Id>
-cudaError_t build_plan(const TTDims& t, const Sizes& sz, const Bags& bg, const Id* ids, CorePtrs<const T> cores,
-                       int last_level, const PlanWorkspace& w, cudaStream_t stream) {
-  const Geo g = make_geo(t);
+// The general path of build_plan's sort and prefix tree (steps 1-2; any batch size).
+template <typename Id>
+cudaError_t build_tree(const Geo& g, const Sizes& sz, const Bags& bg, const Id* ids, const PlanWorkspace& w,
+                       cudaStream_t stream) {
   const int n = sz.n;
   make_keys_kernel<Id><<<grid_for(n, kFlatBlock), kFlatBlock, 0, stream>>>(ids, n, g.N, bg, w.keys_in, w.pos_in,
                                                                           w.bag_of);
@@ -111,6 +131,14 @@ cudaError_t build_plan(const TTDims& t, const Sizes& sz, const Bags& bg, const I
   TT_LAUNCHED();
   node_info_kernel<<<grid_for(sz.max_bound, kFlatBlock), kFlatBlock, 0, stream>>>(g, pl, no, sz.max_bound);
   TT_LAUNCHED();
+  return cudaSuccess;
+}
+
+// Step 3 of the plan: the partial products P_0..P_last_level of every node.
+template <typename T>
+cudaError_t chain_products(const TTDims& t, const Sizes& sz, CorePtrs<const T> cores, int last_level,
+                           const PlanWorkspace& w, cudaStream_t stream) {
+  const Plan pl = plan_view(sz, w);
   for (int k = 0; k <= last_level; ++k) {
     const int m_prev = k == 0 ? 1 : static_cast<int>(sz.m[k - 1]);
     const int rk = static_cast<int>(t.r[k]);
@@ -126,6 +154,33 @@ cudaError_t build_plan(const TTDims& t, const Sizes& sz, const Bags& bg, const I
     TT_LAUNCHED();
   }
   return cudaSuccess;
+}
+
+// Sorts the ids and builds the prefix tree (steps 1-2), then P_0..P_last_level (bag sizes: pool_kernel, or
+// bag_count_kernel in a backward without forward's plan).
+template <typename T, typename Id>
+cudaError_t build_plan(const TTDims& t, const Sizes& sz, const Bags& bg, const Id* ids, const T* psw,
+                       const SmallCheck& check, CorePtrs<const T> cores, int last_level, const PlanWorkspace& w,
+                       cudaStream_t stream) {
+  const Geo g = make_geo(t);
+  if (small_plan(t, sz)) {  // one launch: validation (if asked), sort, prefix tree
+    SmallPlanOut so{};
+    so.keys = w.keys_out;
+    so.pos = w.pos_out;
+    for (int k = 0; k < sz.d; ++k) {
+      so.incl[k] = w.incl[k];
+      so.first[k] = w.first[k];
+      so.digit[k] = w.digit[k];
+      so.parent[k] = w.parent[k];
+    }
+    so.slot = w.slot;
+    so.bag_of = w.bag_of;
+    small_plan_kernel<T, Id><<<1, kSmallBlock, 0, stream>>>(g, bg, ids, psw, sz.id_bits, check, so);
+    TT_LAUNCHED();
+  } else {
+    TT_CUDA_TRY((build_tree<Id>(g, sz, bg, ids, w, stream)));
+  }
+  return chain_products<T>(t, sz, cores, last_level, w, stream);
 }
 
 Bags make_bags(const BatchDesc& b) {
@@ -237,17 +292,23 @@ cudaError_t launch_validate(const TTDims& dims, const BatchDesc& batch, const Id
   return cudaSuccess;
 }
 
+bool forward_validates(const TTDims& dims, const BatchDesc& batch) {
+  if (batch.n <= 0 || batch.num_bags <= 0) return false;
+  return small_plan(dims, Sizes(dims, batch));
+}
+
 template <typename T, typename Id>
 cudaError_t launch_forward(const TTDims& dims, const BatchDesc& batch, const Id* ids, const T* psw,
-                           CorePtrs<const T> cores, T* out, void* plan_workspace, size_t plan_bytes,
-                           cudaStream_t stream) {
+                           CorePtrs<const T> cores, T* out, ErrorRecord* record, bool record_id_errors,
+                           void* plan_workspace, size_t plan_bytes, cudaStream_t stream) {
   if (batch.n <= 0 || batch.num_bags <= 0) return cudaSuccess;  // caller returns zeros
   const Sizes sz(dims, batch);
   if (carve_plan(batch, sz, nullptr, nullptr) > plan_bytes) return cudaErrorInvalidValue;
   PlanWorkspace w{};
   carve_plan(batch, sz, align_up(plan_workspace), &w);
   const Bags bg = make_bags(batch);
-  TT_CUDA_TRY((build_plan<T, Id>(dims, sz, bg, ids, cores, sz.d - 1, w, stream)));
+  const SmallCheck check{record, record_id_errors, batch.include_last_offset};
+  TT_CUDA_TRY((build_plan<T, Id>(dims, sz, bg, ids, psw, check, cores, sz.d - 1, w, stream)));
   pool_kernel<T><<<grid_for(batch.num_bags * kWarp, kWarpBlock), kWarpBlock, 0, stream>>>(
       bg, w.slot, w.bag_count, psw, w.P[sz.d - 1], static_cast<int>(sz.D), batch.mean, out);
   TT_LAUNCHED();
@@ -274,7 +335,9 @@ cudaError_t launch_backward(const TTDims& dims, const BatchDesc& batch, const Id
   if (!plan_ready) {  // forward's plan holds every level and the bag sizes; a new one needs P_last only for psw_grad
     CorePtrs<const T> ccores{};
     for (int k = 0; k < d; ++k) ccores.ptr[k] = cores.ptr[k];
-    TT_CUDA_TRY((build_plan<T, Id>(dims, sz, bg, ids, ccores, psw_grad != nullptr ? last : last - 1, pw, stream)));
+    const SmallCheck none{nullptr, false, false};  // the caller validated (guard)
+    TT_CUDA_TRY((build_plan<T, Id>(dims, sz, bg, ids, psw, none, ccores, psw_grad != nullptr ? last : last - 1, pw,
+                                   stream)));
     bag_count_kernel<<<grid_for(bg.num_bags * kWarp, kWarpBlock), kWarpBlock, 0, stream>>>(bg, pw.slot, pw.bag_count);
     TT_LAUNCHED();
   }
@@ -306,7 +369,8 @@ cudaError_t launch_backward(const TTDims& dims, const BatchDesc& batch, const Id
   template cudaError_t launch_validate<T, Id>(const TTDims&, const BatchDesc&, const Id*, const T*, bool,      \
                                               ErrorRecord*, cudaStream_t);                                      \
   template cudaError_t launch_forward<T, Id>(const TTDims&, const BatchDesc&, const Id*, const T*,             \
-                                             CorePtrs<const T>, T*, void*, size_t, cudaStream_t);               \
+                                             CorePtrs<const T>, T*, ErrorRecord*, bool, void*, size_t,          \
+                                             cudaStream_t);                                                     \
   template cudaError_t launch_backward<T, Id>(const TTDims&, const BatchDesc&, const Id*, const T*, const T*, \
                                               CorePtrs<T>, CorePtrs<T>, const UpdateArgs&, T*,                  \
                                               const ErrorRecord*, void*, size_t, bool, void*, size_t,           \

@@ -18,6 +18,9 @@
 //   3. Forward: each distinct prefix product P_k (q_0..q_k x r_{k+1}, fp32) is computed once
 //      (shared-prefix reuse), the last level holds each unique row once; bags pool by gathering
 //      their rows in position order (deterministic, no atomics).
+//   Small batches (<= 11,264 ids, N < 2^32): steps 1-2 with the validation in one launch of one block,
+//      and backward's digit grouping (below) in one launch of a block per level
+//      (tt_small_plan_kernels.cuh); same plan, bit for bit.
 //   4. Backward (on forward's plan when the glue hands it over, else a new one): each unique row's
 //      gradient is a segmented sum over its sorted occurrences; the levels are walked in reverse.
 //      Backward first groups every level's nodes by (level, digit) with one more radix sort.
@@ -116,13 +119,18 @@ template <typename T, typename Id>
 cudaError_t launch_validate(const TTDims& dims, const BatchDesc& batch, const Id* ids, const T* psw,
                             bool record_id_errors, ErrorRecord* record, cudaStream_t stream);
 
+// True where launch_forward validates the batch itself (small batches: one launch validates and
+// builds the plan), filling `record` as launch_validate would; the caller then launches no validation.
+bool forward_validates(const TTDims& dims, const BatchDesc& batch);
+
 // Forward: out [num_bags, D] (every bag written). plan_workspace: forward_workspace_bytes bytes; on
 // return it holds the batch's plan, which the backward of the same batch (same ids, offsets, weights
-// and cores) may take instead of building its own.
+// and cores) may take instead of building its own. record: written where forward_validates() (then
+// non-null), with out-of-range ids reported as errors if record_id_errors; ignored otherwise.
 template <typename T, typename Id>
 cudaError_t launch_forward(const TTDims& dims, const BatchDesc& batch, const Id* ids, const T* psw,
-                           CorePtrs<const T> cores, T* out, void* plan_workspace, size_t plan_bytes,
-                           cudaStream_t stream);
+                           CorePtrs<const T> cores, T* out, ErrorRecord* record, bool record_id_errors,
+                           void* plan_workspace, size_t plan_bytes, cudaStream_t stream);
 
 // Backward. grad_out [num_bags, D]. With update.opt == kNone the slice gradients are written into
 // core_grads (zero-initialised by the caller; untouched slices stay 0); otherwise the optimizer is

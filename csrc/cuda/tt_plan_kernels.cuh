@@ -93,10 +93,12 @@ __global__ void finalize_record_kernel(const Id* __restrict__ ids, const int64_t
 constexpr int kValidateBlock = 1024;
 constexpr int64_t kValidateOneBlockMax = 32 * kValidateBlock;  // positions (ids or offsets)
 
+// The whole record, computed by one block (every thread of the block calls it; it syncs).
 template <typename T, typename Id>
-__global__ void validate_block_kernel(const Id* __restrict__ ids, int64_t n, const int64_t* __restrict__ off,
-                                      int64_t count, bool include_last, const T* __restrict__ psw,
-                                      unsigned long long N, bool record_ids, ErrorRecord* rec) {
+__device__ __forceinline__ void validate_in_block(const Id* __restrict__ ids, int64_t n,
+                                                  const int64_t* __restrict__ off, int64_t count, bool include_last,
+                                                  const T* __restrict__ psw, unsigned long long N, bool record_ids,
+                                                  ErrorRecord* rec) {
   __shared__ unsigned long long block_best, block_dropped;
   if (threadIdx.x == 0) {
     block_best = kNoErrorKey;
@@ -116,6 +118,13 @@ __global__ void validate_block_kernel(const Id* __restrict__ ids, int64_t n, con
     rec->dropped = block_dropped;
     record_values<Id>(block_best, ids, off, rec);
   }
+}
+
+template <typename T, typename Id>
+__global__ void validate_block_kernel(const Id* __restrict__ ids, int64_t n, const int64_t* __restrict__ off,
+                                      int64_t count, bool include_last, const T* __restrict__ psw,
+                                      unsigned long long N, bool record_ids, ErrorRecord* rec) {
+  validate_in_block<T, Id>(ids, n, off, count, include_last, psw, N, record_ids, rec);
 }
 
 // ---- plan kernels -----------------------------------------------------------------------------------

@@ -415,7 +415,7 @@ class TTRowCache(nn.Module):
 
     def _write_back(self, table, ids: torch.Tensor, target: torch.Tensor) -> None:
         """Fit the core slices touched by ``ids`` so that ``tt_rows(ids) ~= target`` (L-BFGS)."""
-        cores = list(table.cores)
+        cores = table.core_list()
         digits = row_digits(ids, table.p_shapes)
         uniq, inv = zip(*(torch.unique(d, return_inverse=True) for d in digits))
         params = [c.detach()[u].clone().requires_grad_(True) for c, u in zip(cores, uniq)]
@@ -473,7 +473,7 @@ class TTRowCache(nn.Module):
         state = getattr(self, "optimizer_state", None)
         opt = table.optimizer
         out, where = ops.tt_cached_embedding_bag_fused(
-            list(table.cores), table.optimizer_state(), self.weight.data,
+            table.core_list(), table.optimizer_state(), self.weight.data,
             state if state is not None else self.weight.new_empty(0), self._map, self.trained, ids, offsets, psw,
             num_embeddings=table.num_embeddings, optimizer=opt.name, learning_rate=opt.learning_rate,
             eps=opt.eps, mode=table.mode, include_last_offset=include_last_offset,
@@ -533,7 +533,7 @@ class TTRowCache(nn.Module):
         common = dict(num_embeddings=table.num_embeddings, mode="sum", include_last_offset=True,
                       bounds_check_mode=table.bounds_check_mode, table_name=table.name)
         m_ids, m_w = ids[miss], (w[miss] if w is not None else None)
-        cores = list(table.cores)
+        cores = table.core_list()
         if table.optimizer is None or not torch.is_grad_enabled():
             out = ops.tt_embedding_bag(cores, m_ids, m_off, m_w, **common)
         else:

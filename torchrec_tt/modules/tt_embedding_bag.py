@@ -160,8 +160,14 @@ class TTEmbeddingBag(nn.Module):
                                      torch.zeros(core.shape[0], dtype=state_dtype, device=core.device))
 
     def optimizer_state(self) -> List[torch.Tensor]:
-        return [getattr(self, f"optimizer_state_{k}") for k in range(len(self.cores))
-                if hasattr(self, f"optimizer_state_{k}")]
+        # Straight from the buffer dict (getattr/hasattr through nn.Module cost ~1 us each, per step).
+        buffers = self._buffers
+        return [buffers[name] for name in (f"optimizer_state_{k}" for k in range(len(self.p_shapes)))
+                if name in buffers]
+
+    def core_list(self) -> List[torch.Tensor]:
+        """The cores as a list, for the ops (``list(self.cores)`` takes a getattr per core)."""
+        return list(self.cores._parameters.values())
 
     @torch.no_grad()
     def reset_parameters(self, generator: Optional[torch.Generator] = None) -> None:
@@ -253,7 +259,7 @@ class TTEmbeddingBag(nn.Module):
                       bounds_check_mode=self.bounds_check_mode, table_name=self.name)
         if self.cache is not None:  # hot-row cache (issue 5): cached ids skip the TT chain
             return self.cache.lookup(self, input, offsets, per_sample_weights, include_last_offset)
-        cores = list(self.cores)
+        cores = self.core_list()
         if self.optimizer is None or not torch.is_grad_enabled():
             return ops.tt_embedding_bag(cores, input, offsets, per_sample_weights, **common)
         return ops.tt_embedding_bag_fused(cores, self.optimizer_state(), input, offsets, per_sample_weights,

@@ -64,7 +64,7 @@ EOF
 
 # ---- tests ----
 # --maxfail (not -x): a first failure still leaves room for a few more data points.
-step tests_cuda 140 bash -c "set -o pipefail; $PY -m pytest -q --maxfail=10 -rfE --durations=8 -p no:cacheprovider tests/test_cuda.py 2>&1 | tee '$OUT/tests.log'"
+step tests_cuda 140 bash -c "set -o pipefail; $PY -m pytest -q --maxfail=10 -rfE --durations=8 -p no:cacheprovider tests/test_cuda.py tests/test_cuda_errors.py 2>&1 | tee '$OUT/tests.log'"
 
 # ---- benchmark (ours, then the baseline on the same machine) and profile ----
 [ -n "${BASELINE:-}" ] && { wait; tail -n 3 /tmp/build_baseline.log; }  # no build running while we time
@@ -77,7 +77,7 @@ for i in $(seq 1 "$ROUNDS"); do
   note "round $i: this tree"
   if [ -n "${BASELINE:-}" ]; then
     if [ "$i" = 1 ] && [ -d "$BASELINE/tests" ]; then
-      step tests_baseline 90 bash -c "cd '$BASELINE' && PYTHONPATH='$BASELINE' $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tail -n 15 > '$OUT/tests_baseline.log'"
+      step tests_baseline 90 bash -c "cd '$BASELINE' && PYTHONPATH='$BASELINE' $PY -m pytest -q -p no:cacheprovider tests/test_cuda*.py 2>&1 | tail -n 15 > '$OUT/tests_baseline.log'"
     fi
     step "bench_baseline_$i" 150 bash -c "PYTHONPATH='$BASELINE' $BENCH --markdown /tmp/bench_round.md > /dev/null"
     note "round $i: baseline tree $BASELINE"

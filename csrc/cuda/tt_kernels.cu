@@ -164,18 +164,7 @@ cudaError_t build_plan(const TTDims& t, const Sizes& sz, const Bags& bg, const I
                        cudaStream_t stream) {
   const Geo g = make_geo(t);
   if (small_plan(t, sz)) {  // one launch: validation (if asked), sort, prefix tree
-    SmallPlanOut so{};
-    so.keys = w.keys_out;
-    so.pos = w.pos_out;
-    for (int k = 0; k < sz.d; ++k) {
-      so.incl[k] = w.incl[k];
-      so.first[k] = w.first[k];
-      so.digit[k] = w.digit[k];
-      so.parent[k] = w.parent[k];
-    }
-    so.slot = w.slot;
-    so.bag_of = w.bag_of;
-    small_plan_kernel<T, Id><<<1, kSmallBlock, 0, stream>>>(g, bg, ids, psw, sz.id_bits, check, so);
+    small_plan_kernel<T, Id><<<1, kSmallBlock, 0, stream>>>(g, bg, ids, psw, sz.id_bits, check, w);
     TT_LAUNCHED();
   } else {
     TT_CUDA_TRY((build_tree<Id>(g, sz, bg, ids, w, stream)));

@@ -19,6 +19,7 @@
 #include <cub/block/block_scan.cuh>
 
 #include "tt_plan_kernels.cuh"
+#include "tt_workspace.cuh"
 
 namespace torchrec_tt::cuda {
 namespace {
@@ -54,18 +55,6 @@ __device__ __forceinline__ void small_sort_striped(SmallTemp& temp, unsigned int
   __syncthreads();  // temp is reused by the caller
 }
 
-// Everything small_plan_kernel writes (the arrays of the general path's PlanWorkspace).
-struct SmallPlanOut {
-  unsigned long long* keys;  // sorted keys
-  int* pos;                  // their positions
-  int* incl[kMaxCores];
-  int* first[kMaxCores];
-  int* digit[kMaxCores];
-  int* parent[kMaxCores];
-  int* slot;
-  int* bag_of;
-};
-
 // Validation to fold in (rec == nullptr: none).
 struct SmallCheck {
   ErrorRecord* rec;
@@ -73,15 +62,16 @@ struct SmallCheck {
   bool include_last;
 };
 
-// The plan of a batch of n <= kSmallPlanMax ids with N < 2^32, as build_plan's general path leaves it
-// (keys, positions, incl, first, digit, parent, slot, bag_of); optionally the validation record too.
+// The plan of a batch of n <= kSmallPlanMax ids with N < 2^32, written into the workspace arrays the
+// general path fills (keys_out, pos_out, incl, first, digit, parent, slot, bag_of); optionally the
+// validation record too.
 // With one block, every dependent load is latency the block cannot hide: after the sort, the only
 // global reads are the bag offsets; neighbours' keys come by shuffle, node digits and parents are
 // written where the node starts.
 template <typename T, typename Id>
 __global__ void __launch_bounds__(kSmallBlock)
     small_plan_kernel(Geo g, Bags bg, const Id* __restrict__ ids, const T* __restrict__ psw, int key_bits,
-                      SmallCheck check, SmallPlanOut out) {
+                      SmallCheck check, PlanWorkspace pw) {
   constexpr int kWarps = kSmallBlock / kWarp;
   constexpr int kLongBag = 64;  // longer bags are filled by the whole block
   __shared__ SmallTemp temp;
@@ -106,7 +96,7 @@ __global__ void __launch_bounds__(kSmallBlock)
     if (x < n) {
       const long long id = static_cast<long long>(ids[x]);
       key[i] = (id >= 0 && static_cast<unsigned long long>(id) < g.N) ? static_cast<unsigned int>(id) : sentinel;
-      out.bag_of[x] = -1;  // in no bag, unless a bag below covers it (after the sort's barriers)
+      pw.bag_of[x] = -1;  // in no bag, unless a bag below covers it (after the sort's barriers)
     }
   }
   small_sort_striped(temp, key, val, key_bits);
@@ -123,14 +113,14 @@ __global__ void __launch_bounds__(kSmallBlock)
         continue;
       }
     }
-    for (int p = s; p < e; ++p) out.bag_of[p] = static_cast<int>(b);
+    for (int p = s; p < e; ++p) pw.bag_of[p] = static_cast<int>(b);
   }
 #pragma unroll
   for (int i = 0; i < kSmallItems; ++i) {
     const int x = i * kSmallBlock + t;
     if (x < n) {
-      out.keys[x] = key[i];
-      out.pos[x] = val[i];
+      pw.keys_out[x] = key[i];
+      pw.pos_out[x] = val[i];
     }
     if (lane == kWarp - 1) warp_last[i][w] = key[i];
   }
@@ -138,7 +128,7 @@ __global__ void __launch_bounds__(kSmallBlock)
   for (int q = 0; q < long_count && q < kMaxLongBags; ++q) {
     int s, e;
     bag_range(bg, long_bags[q], s, e);
-    for (int p = s + t; p < e; p += kSmallBlock) out.bag_of[p] = long_bags[q];
+    for (int p = s + t; p < e; p += kSmallBlock) pw.bag_of[p] = long_bags[q];
   }
 
   // Row by row: fresh.c[k] = 1 where an entry starts a new prefix of length k + 1 (a new node of
@@ -167,21 +157,21 @@ __global__ void __launch_bounds__(kSmallBlock)
       for (int k = 0; k < kMaxCores; ++k) {
         incl.c[k] = carry.c[k] + excl.c[k] + fresh.c[k];
         if (k < g.d) {
-          out.incl[k][x] = incl.c[k];
+          pw.incl[k][x] = incl.c[k];
           if (fresh.c[k]) {  // node incl - 1 of level k starts here: its first entry, digit and parent
             const int node = incl.c[k] - 1;
-            out.first[k][node] = x;
-            out.digit[k][node] = static_cast<int>(key[i] / static_cast<unsigned int>(g.div[k]) %
+            pw.first[k][node] = x;
+            pw.digit[k][node] = static_cast<int>(key[i] / static_cast<unsigned int>(g.div[k]) %
                                                   static_cast<unsigned int>(g.p[k]));
-            if (k > 0) out.parent[k][node] = incl.c[k - 1] - 1;
+            if (k > 0) pw.parent[k][node] = incl.c[k - 1] - 1;
           }
         }
       }
-      out.slot[val[i]] = valid ? incl.c[g.d - 1] - 1 : -1;
+      pw.slot[val[i]] = valid ? incl.c[g.d - 1] - 1 : -1;
     }
     carry = AddLevelCounts{}(carry, row_total);
   }
-  if (t < g.d) out.first[t][carry.c[t]] = valid_ids;  // every level's CSR ends after the last valid id
+  if (t < g.d) pw.first[t][carry.c[t]] = valid_ids;  // every level's CSR ends after the last valid id
 }
 
 // Backward's grouping of every level's nodes by digit when each level has <= kSmallPlanMax nodes:

@@ -40,8 +40,8 @@ struct SavedBatch {
   std::shared_ptr<const cpu::TTPlan> plan;
   std::vector<at::Tensor> partials;
   at::Tensor device_workspace;
-  // The CUDA forward's validation record of this batch (error / warn mode; undefined in ignore mode):
-  // backward takes it as its guard instead of validating again.
+  // The CUDA forward's validation record of this batch (error / warn mode, or folded into the
+  // small-batch plan kernel; else undefined): backward takes it as its guard instead of validating again.
   at::Tensor device_record;
 };
 

@@ -184,8 +184,8 @@ at::Tensor forward(const std::string& table, const Prepared& a, at::TensorList c
   at::Tensor out = compute ? at::empty({B, D}, cores[0].options()) : at::zeros({B, D}, cores[0].options());
   // Small batches: the plan kernel validates in the same launch, also in ignore mode when a backward
   // can follow (the record guards that backward, which then launches no validation of its own).
-  const bool plan_checks = compute && kern::forward_validates(a.dims, a.batch) &&
-                           (validate || plan_wanted_by_backward(cores[0]));
+  const bool keep_plan = compute && plan_wanted_by_backward(cores[0]);
+  const bool plan_checks = compute && kern::forward_validates(a.dims, a.batch) && (validate || keep_plan);
   at::Tensor record, plan;
   if (validate || plan_checks) record = at::empty({4}, cores[0].options().dtype(at::kLong));
   dispatch(table, cores[0].scalar_type(), a.indices.scalar_type(), [&](auto dt, auto it) {
@@ -213,7 +213,7 @@ at::Tensor forward(const std::string& table, const Prepared& a, at::TensorList c
     const at::Tensor rec_cpu = record.to(at::kCPU);
     raise_from_record(table, a, rec_cpu, mode);
   }
-  if (plan.defined() && plan_wanted_by_backward(cores[0])) {  // a valid batch whose backward can follow
+  if (keep_plan) {  // a valid batch whose backward can follow
     auto saved = std::make_shared<SavedBatch>();
     saved->device_workspace = plan;
     saved->device_record = record;  // validated above (error / warn mode, or by the small-batch plan kernel)
@@ -236,8 +236,8 @@ void backward(const std::string& table, const Prepared& a, const at::Tensor& gra
                           saved->device_workspace.device() == cores[0].device() &&
                           static_cast<size_t>(saved->device_workspace.numel()) >= plan_bytes;
   // The guard of the writes: forward's validation record of this very batch when it checked one
-  // (error / warn mode), else a device-side validation here (never read back; no id errors:
-  // backward drops invalid ids, as on CPU).
+  // (error / warn mode, or the small-batch plan kernel), else a device-side validation here (never
+  // read back; no id errors: backward drops invalid ids, as on CPU).
   const bool checked = plan_ready && saved->device_record.defined();
   at::Tensor record = checked ? saved->device_record : at::empty({4}, cores[0].options().dtype(at::kLong));
   dispatch(table, cores[0].scalar_type(), a.indices.scalar_type(), [&](auto dt, auto it) {

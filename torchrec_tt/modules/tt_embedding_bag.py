@@ -229,7 +229,7 @@ class TTEmbeddingBag(nn.Module):
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.num_embeddings):
             raise IndexError(f"table '{self.name}': ids must be in [0, {self.num_embeddings})")
         offsets = torch.arange(ids.numel() + 1, device=ids.device)
-        return ops.tt_embedding_bag(list(self.cores), ids, offsets, None, num_embeddings=self.num_embeddings,
+        return ops.tt_embedding_bag(self.core_list(), ids, offsets, None, num_embeddings=self.num_embeddings,
                                     mode="sum", include_last_offset=True, table_name=self.name)
 
     def full_weight(self) -> torch.Tensor:

@@ -184,28 +184,6 @@ def test_backward_reuses_forward_plan_only_for_the_same_batch():
         close(x, y, 1e-4)
 
 
-def test_evaluation_under_no_grad_keeps_no_plan():
-    """Under torch.no_grad a training table's forward keeps no plan on the device either (the plan's
-    key holds the batch's tensors; its workspace is device memory)."""
-    import gc
-    import weakref
-    cores = [c.float().to(DEV).requires_grad_() for c in random_cores([4, 3, 5], [2, 1, 3], [1, 3, 2, 1], 0)]
-    offsets = torch.tensor([0, 9, 25, 40], device=DEV)
-
-    def forward_and_watch_ids():
-        ids = torch.randint(0, 60, (40,)).to(DEV)
-        torchrec_tt.ops.tt_embedding_bag(cores, ids, offsets, num_embeddings=60, include_last_offset=True)
-        return weakref.ref(ids)
-
-    kept = forward_and_watch_ids()  # grad enabled: kept for a backward that may follow
-    gc.collect()
-    assert kept() is not None
-    with torch.no_grad():
-        dropped = forward_and_watch_ids()
-    gc.collect()
-    assert dropped() is None
-
-
 @pytest.mark.parametrize("optimizer", [None, "sgd", "adagrad", "rowwise_adagrad"])
 def test_module_training_matches_cpu(optimizer):
     torch.manual_seed(0)

@@ -378,16 +378,19 @@ def test_empty_batch_and_empty_bags():
 
 # ---- forward hands its plan to backward ------------------------------------------------------------
 
-def test_evaluation_under_no_grad_keeps_no_plan():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])
+def test_evaluation_under_no_grad_keeps_no_plan(device):
     """A forward of a training table under torch.no_grad has no backward: it must not keep its plan
-    (whose key holds the batch's tensors, and which would churn the store in evaluation)."""
+    (whose key holds the batch's tensors, and which would churn the store in evaluation; on CUDA its
+    workspace is device memory)."""
     import gc
     import weakref
-    cores = [c.requires_grad_() for c in random_cores([4, 3, 5], [2, 1, 3], [1, 3, 2, 1])]
-    offsets = torch.tensor([0, 9, 25, 40])
+    cores = [c.to(device).requires_grad_() for c in random_cores([4, 3, 5], [2, 1, 3], [1, 3, 2, 1], torch.float32)]
+    offsets = torch.tensor([0, 9, 25, 40], device=device)
 
     def forward_and_watch_ids():
-        ids = torch.randint(0, 60, (40,))
+        ids = torch.randint(0, 60, (40,)).to(device)
         ops.tt_embedding_bag(cores, ids, offsets, num_embeddings=60, include_last_offset=True)
         return weakref.ref(ids)
 

@@ -64,6 +64,26 @@ struct FusedArgs {
         eps(ctx->saved_data["eps"].toDouble()) {}
 };
 
+// The cores a fused formula records. Its backward returns no gradient for any core (the update is
+// fused), so one core that requires grad is enough for the output to require grad and for backward
+// to run; the others go in detached (same storage and version counter, updated in place all the
+// same). Every recorded input that requires grad costs an AccumulateGrad node the engine runs each
+// step, d per table (FBGEMM's TBE keeps one placeholder parameter for the same reason).
+std::vector<at::Tensor> one_recorded_core(at::TensorList cores) {
+  std::vector<at::Tensor> out = cores.vec();
+  if (!at::GradMode::is_enabled()) return out;
+  bool recorded = false;
+  for (auto& c : out) {
+    if (!c.requires_grad()) continue;
+    if (recorded) {
+      c = c.detach();
+    } else {
+      recorded = true;
+    }
+  }
+  return out;
+}
+
 std::optional<at::Tensor> optional_tensor(const at::Tensor& t) {
   return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
 }
@@ -169,7 +189,8 @@ at::Tensor fused_lookup_autograd(at::TensorList cores, at::TensorList optimizer_
                                  int64_t bounds_check_mode, c10::string_view optimizer, double learning_rate,
                                  double eps, c10::string_view table_name) {
   const NoBackwardGuard eval(!at::GradMode::is_enabled());
-  return FusedLookupFn::apply(cores, optimizer_state, indices, offsets, psw, num_embeddings, pooling_mode,
+  const auto recorded = one_recorded_core(cores);  // (apply finds variables in a TensorList, not a vector)
+  return FusedLookupFn::apply(at::TensorList(recorded), optimizer_state, indices, offsets, psw, num_embeddings, pooling_mode,
                               include_last_offset, bounds_check_mode, optimizer, learning_rate, eps, table_name);
 }
 
@@ -232,7 +253,8 @@ std::tuple<at::Tensor, at::Tensor> cached_lookup_autograd(
     int64_t pooling_mode, bool include_last_offset, int64_t bounds_check_mode, c10::string_view optimizer,
     double learning_rate, double eps, c10::string_view table_name) {
   const NoBackwardGuard eval(!at::GradMode::is_enabled());
-  auto out = CachedLookupFn::apply(cores, optimizer_state, cache_weight, cache_state, cache_map, cache_trained,
+  const auto recorded = one_recorded_core(cores);
+  auto out = CachedLookupFn::apply(at::TensorList(recorded), optimizer_state, cache_weight, cache_state, cache_map, cache_trained,
                                    indices, offsets, psw, num_embeddings, pooling_mode, include_last_offset,
                                    bounds_check_mode, optimizer, learning_rate, eps, table_name);
   return {out[0], out[1]};

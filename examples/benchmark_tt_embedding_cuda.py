@@ -5,7 +5,9 @@ Compared (torch only, no torchrec/fbgemm):
               fastest plain-PyTorch dense table step);
   * naive_tt: torchrec_tt.reference (gather cores per id + bmm chain, autograd) + torch.optim.SGD;
   * ours_dense: torchrec_tt op with dense core gradients + torch.optim.SGD;
-  * ours:     torchrec_tt op with the fused SGD update in backward (TTEmbeddingBag(optimizer="sgd")).
+  * ours:     torchrec_tt op with the fused SGD update in backward (TTEmbeddingBag(optimizer="sgd"));
+  * ours_graph: the same step captured once in a CUDA graph (torch.cuda.graph) and replayed: the step
+              without the host's launch overhead (the batch's shapes are fixed; CUDA only).
 
 Configs:
   (a) 10,131,227 x 16, p=(200,220,250), q=(2,2,4), R=32, 8192 ids ~ Zipf(1.05), one id per bag;
@@ -145,6 +147,22 @@ def ours_step(cfg, ids, offsets, grad, bounds_check_mode="ignore"):
     return step
 
 
+def graph_step(cfg, ids, offsets, grad):
+    """``ours``, the whole step (forward, backward, fused update) captured once in a CUDA graph and
+    replayed. Capture needs bounds_check_mode ignore (nothing is read back) and fixed shapes."""
+    step = ours_step(cfg, ids, offsets, grad)
+    side = torch.cuda.Stream()  # warm-up on a side stream, as torch.cuda.graph asks
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
 def row_flops(q, r):
     """Forward FLOPs of one row: sum_k 2 (q_0..q_{k-1}) r_k q_k r_{k+1} (k >= 1)."""
     total, m = 0, q[0]
@@ -180,6 +198,8 @@ def run(args):
         makers = [("dense", dense_step), ("naive_tt", naive_step), ("ours_dense", ours_dense_step),
                   ("ours", ours_step),
                   ("ours_checked", lambda *a: ours_step(*a, bounds_check_mode="error"))]  # one D2H copy per step
+        if DEVICE == "cuda":
+            makers.append(("ours_graph", graph_step))
         steps = {}
         for label, make in makers:
             try:
@@ -201,6 +221,8 @@ def run(args):
             res["us_per_lookup_fwd_bwd"] = ms["ours"] * 1e3 / n
             flops = 3 * row_flops(cfg["q"], r) * unique
             res["gflops_unique_rows"] = flops / (ms["ours"] * 1e-3) / 1e9
+        if "ours_graph" in ms:
+            res["us_per_lookup_graph"] = ms["ours_graph"] * 1e3 / n
         results.append(res)
     return results
 
@@ -210,16 +232,18 @@ def markdown(meta, results):
              "Median ms per training step (forward + backward + SGD update), "
              f"{meta['iters']} iterations after {meta['warmup']} warm-up.", "",
              "| config | ids (unique) | dense EmbeddingBag | naive TT | ours dense+SGD | ours fused SGD | "
-             "ours fused, bounds check error | ours/dense | naive/ours | us/lookup | GFLOP/s (unique rows) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "ours fused, bounds check error | ours fused, CUDA graph | ours/dense | naive/ours | us/lookup | "
+             "us/lookup (graph) | GFLOP/s (unique rows) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         ms = r["ms"]
         f = lambda k: f"{ms[k]:.3f}" if k in ms else "err"  # noqa: E731
         g = lambda k, fmt: (fmt.format(r[k]) if k in r else "-")  # noqa: E731
         lines.append(f"| {r['name']} | {r['ids']} ({r['unique_ids']}) | {f('dense')} | {f('naive_tt')} | "
-                     f"{f('ours_dense')} | {f('ours')} | {f('ours_checked')} | {g('ours_over_dense', '{:.2f}')} | "
+                     f"{f('ours_dense')} | {f('ours')} | {f('ours_checked')} | "
+                     f"{f('ours_graph') if DEVICE == 'cuda' else '-'} | {g('ours_over_dense', '{:.2f}')} | "
                      f"{g('naive_over_ours', '{:.1f}')} | {g('us_per_lookup_fwd_bwd', '{:.4f}')} | "
-                     f"{g('gflops_unique_rows', '{:.0f}')} |")
+                     f"{g('us_per_lookup_graph', '{:.4f}')} | {g('gflops_unique_rows', '{:.0f}')} |")
     for r in results:
         for k, v in r["errors"].items():
             lines.append(f"\n- {r['config']} {k} failed: `{v}`")

@@ -4,8 +4,9 @@
 // Synchronisation: the forward op in bounds_check_mode 0 (error) or 1 (warn) reads one 32-byte
 // validation record back to the host (one small D2H copy, after the compute kernels are queued) to
 // raise the CPU op's exceptions and warnings. That is the only host synchronisation: IGNORE mode
-// and both backward ops never synchronise. The backward ops validate on the device (or take the
-// record their forward checked for the same batch) and, if offsets or per_sample_weights are
+// and both backward ops never synchronise, so they can be captured in a CUDA graph (a capture in
+// error / warn mode is refused with a clear error). The backward ops validate on the device (or take
+// the record their forward checked for the same batch) and, if offsets or per_sample_weights are
 // invalid (which the forward would have rejected), write nothing (cores, optimizer state and core
 // gradients stay untouched) instead of raising.
 //
@@ -179,6 +180,14 @@ at::Tensor forward(const std::string& table, const Prepared& a, at::TensorList c
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   const auto mode = static_cast<BoundsCheckMode>(bounds_check_mode);
   const bool validate = mode != BoundsCheckMode::kIgnore;
+  if (validate) {  // checked before any launch, so a failed capture leaves nothing half-recorded
+    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+    TT_CHECK(capture == cudaStreamCaptureStatusNone, VALUE, table, "bounds_check_mode ",
+             mode == BoundsCheckMode::kError ? "'error'" : "'warn'",
+             " reads the batch's validation record back to the host, which CUDA graph capture does not allow; "
+             "capture lookups with bounds_check_mode='ignore'");
+  }
   const int64_t B = a.batch.num_bags, D = a.shape.embedding_dim;
   const bool compute = a.batch.n > 0 && B > 0;
   at::Tensor out = compute ? at::empty({B, D}, cores[0].options()) : at::zeros({B, D}, cores[0].options());

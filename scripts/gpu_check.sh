@@ -89,6 +89,7 @@ done
 cat "$OUT/bench.md"
 step profile 90 bash -c "$PY examples/profile_tt_embedding_cuda.py > '$OUT/profile.log' 2>&1"
 [ -n "${BASELINE_ENV:-}" ] && step profile_baseline 90 bash -c "env $BASELINE_ENV $PY examples/profile_tt_embedding_cuda.py > '$OUT/profile_baseline.log' 2>&1"
+[ -n "${BASELINE:-}" ] && step profile_baseline 90 bash -c "PYTHONPATH='$BASELINE' $PY examples/profile_tt_embedding_cuda.py > '$OUT/profile_baseline.log' 2>&1"
 sed -n "/one step/,/^===/p" "$OUT/profile.log" | head -n 120
 
 printf '%s\n' "${status[@]}" | tee "$OUT/summary.txt"

@@ -64,7 +64,7 @@ EOF
 
 # ---- tests ----
 # --maxfail (not -x): a first failure still leaves room for a few more data points.
-step tests_cuda 140 bash -c "set -o pipefail; $PY -m pytest -q --maxfail=10 -rfE --durations=8 -p no:cacheprovider tests/test_cuda.py tests/test_cuda_errors.py tests/test_ops.py 2>&1 | tee '$OUT/tests.log'"
+step tests_cuda 140 bash -c "set -o pipefail; $PY -m pytest -q --maxfail=10 -rfE --durations=8 -p no:cacheprovider tests/test_cuda.py tests/test_cuda_errors.py tests/test_ops.py tests/test_cuda_graphs.py 2>&1 | tee '$OUT/tests.log'"
 
 # ---- benchmark (ours, then the baseline on the same machine) and profile ----
 [ -n "${BASELINE:-}" ] && { wait; tail -n 3 /tmp/build_baseline.log; }  # no build running while we time

@@ -2,10 +2,13 @@
 # One-shot check on a GPU machine: build the CUDA kernels in place, run the CUDA tests, the CUDA
 # benchmark and a kernel profile. Run from the repository root with $OUT set; everything of interest
 # lands in $OUT (build.log, tests.log, bench.md (every round), bench_cuda.json (round 1), profile.log,
-# summary.txt).
+# summary.txt; extra.txt with NCU / SANITIZE).
 # BASELINE=dir (a source tree of an earlier commit, e.g. `git archive HEAD csrc torchrec_tt planner
 # setup.py examples tests | tar -x -C .ab/old`, carried): built in parallel, its CUDA tests run
-# (tests_baseline.log) and benchmarked right after ours on the same machine (in bench.md).
+# (appended to tests.log), benchmarked right after ours on the same machine (in bench.md) and
+# profiled (profile_baseline.log).
+# NCU=1: Nsight Compute counters of one fused step's kernels; SANITIZE=1: compute-sanitizer memcheck
+# (both plan paths) and racecheck on one step (both into extra.txt; ~1-3 minutes each, not yet timed).
 # BASELINE_ENV="VAR=value ..." (instead of BASELINE): the baseline is this same build run with those
 # environment variables (e.g. TORCHREC_TT_CUDA_SMALL_PLAN=0: the general plan path). ROUNDS=k runs
 # the two benchmarks k times, alternating (all rounds in bench.md).
@@ -77,7 +80,8 @@ for i in $(seq 1 "$ROUNDS"); do
   note "round $i: this tree"
   if [ -n "${BASELINE:-}" ]; then
     if [ "$i" = 1 ] && [ -d "$BASELINE/tests" ]; then
-      step tests_baseline 90 bash -c "cd '$BASELINE' && PYTHONPATH='$BASELINE' $PY -m pytest -q -p no:cacheprovider tests/test_cuda*.py 2>&1 | tail -n 15 > '$OUT/tests_baseline.log'"
+      step tests_baseline 90 bash -c "cd '$BASELINE' && PYTHONPATH='$BASELINE' $PY -m pytest -q -p no:cacheprovider tests/test_cuda*.py 2>&1 | tail -n 15 > /tmp/tests_baseline.log"
+      { printf '\n==== baseline tree %s: tests/test_cuda*.py (last lines)\n' "$BASELINE"; cat /tmp/tests_baseline.log; } >> "$OUT/tests.log"
     fi
     step "bench_baseline_$i" 150 bash -c "PYTHONPATH='$BASELINE' $BENCH --markdown /tmp/bench_round.md > /dev/null"
     note "round $i: baseline tree $BASELINE"
@@ -91,6 +95,24 @@ step profile 90 bash -c "$PY examples/profile_tt_embedding_cuda.py > '$OUT/profi
 [ -n "${BASELINE_ENV:-}" ] && step profile_baseline 90 bash -c "env $BASELINE_ENV $PY examples/profile_tt_embedding_cuda.py > '$OUT/profile_baseline.log' 2>&1"
 [ -n "${BASELINE:-}" ] && step profile_baseline 90 bash -c "PYTHONPATH='$BASELINE' $PY examples/profile_tt_embedding_cuda.py > '$OUT/profile_baseline.log' 2>&1"
 sed -n "/one step/,/^===/p" "$OUT/profile.log" | head -n 120
+
+# ---- optional: hardware counters and memory / race checks of one step's kernels (extra.txt) ----
+# NCU=1: Nsight Compute on one fused step of config (b) (speed of light, occupancy, warp stalls,
+# memory), clocks left alone. SANITIZE=1: compute-sanitizer memcheck and racecheck (shared memory)
+# on one step of (b) on each plan path. Each is time-boxed; seen working on Firecracker hosts only.
+KSTEP="$PY examples/cuda_kernel_step.py --config b"
+if [ -n "${NCU:-}" ] && command -v ncu > /dev/null; then
+  step ncu 240 bash -c "ncu --clock-control none --profile-from-start off --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats --section MemoryWorkloadAnalysis $KSTEP > /tmp/ncu.txt 2>&1"
+  { echo "==== ncu, one fused step of (b)"; cat /tmp/ncu.txt; } >> "$OUT/extra.txt"
+fi
+if [ -n "${SANITIZE:-}" ] && command -v compute-sanitizer > /dev/null; then
+  for run in "memcheck" "memcheck --general-plan" "racecheck"; do  # racecheck: the one-block kernels' shared memory
+    tool=${run%% *}
+    path=${run#"$tool"}
+    step "sanitize_${tool}${path:+_general}" 150 bash -c "compute-sanitizer --tool $tool --print-limit 20 $KSTEP --warmup 1 $path > /tmp/san.txt 2>&1"
+    { echo "==== compute-sanitizer $run"; tail -n 40 /tmp/san.txt; } >> "$OUT/extra.txt"
+  done
+fi
 
 printf '%s\n' "${status[@]}" | tee "$OUT/summary.txt"
 exit 0

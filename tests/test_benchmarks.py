@@ -40,3 +40,10 @@ def test_dry_run_writes_every_method(on_cpu, tmp_path, monkeypatch):
     assert res["errors"] == {}
     assert set(res["ms"]) == {"dense", "naive_tt", "ours_dense", "ours", "ours_checked"}
     assert res["ours_over_dense"] == pytest.approx(res["ms"]["ours"] / res["ms"]["dense"])
+
+
+def test_kernel_step_script_dry_run(on_cpu, monkeypatch, capsys):
+    import cuda_kernel_step
+    monkeypatch.setattr(sys, "argv", ["step", "--device", "cpu", "--config", "tiny", "--warmup", "1"])
+    assert cuda_kernel_step.main() == 0
+    assert "one step of config tiny (192 ids) done" in capsys.readouterr().out

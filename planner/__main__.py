@@ -20,20 +20,35 @@ from .chooser import InsufficientMemoryError, choose, make_topology
 from .estimators import CALIBRATION_PATH
 
 
-def calibrate(bench_json: str, device: str, out: str) -> dict:
-    """Write ``device``'s entry of the calibration file from a benchmark JSON (``--json`` output of
-    examples/benchmark_tt_embedding.py): the TT FLOP rate and the batch's unique-id ratio."""
+def calibrate(bench_json: str, device: str, out: str, config: str = "a") -> dict:
+    """Write ``device``'s entry of the calibration file from a benchmark JSON: the TT FLOP rate and
+    the batch's unique-id ratio. Takes ``--json`` output of examples/benchmark_tt_embedding.py (CPU) or
+    of examples/benchmark_tt_embedding_cuda.py (its ``config`` result, fused SGD step)."""
     with open(bench_json) as f:
         bench = json.load(f)
-    if "tt_gflops" not in bench:
-        raise SystemExit(f"{bench_json}: no 'tt_gflops' (is it examples/benchmark_tt_embedding.py --json output?)")
-    cfg = bench.get("config", {})
-    entry = {"tt_gflops": round(float(bench["tt_gflops"]), 3),
-             "unique_ratio": round(cfg["unique_ids"] / cfg["batch"], 4) if cfg.get("batch") else 1.0,
-             "threads": cfg.get("threads"),
-             "source": f"examples/benchmark_tt_embedding.py ({cfg}): tt_ms {bench.get('tt_ms')}, "
-                       f"sgemm {bench.get('sgemm_gflops')} GFLOP/s",
-             "machine": f"{bench.get('machine')}, torch {bench.get('torch')}"}
+    if "results" in bench:  # the CUDA benchmark: one result per config
+        found = [r for r in bench["results"] if r.get("config") == config]
+        if not found or "gflops_unique_rows" not in found[0]:
+            raise SystemExit(f"{bench_json}: no measured config {config!r} (is it examples/"
+                             "benchmark_tt_embedding_cuda.py --json output?)")
+        r, meta = found[0], bench.get("meta", {})
+        entry = {"tt_gflops": round(float(r["gflops_unique_rows"]), 3),
+                 "unique_ratio": round(r["unique_ids"] / r["ids"], 4),
+                 "threads": None,
+                 "source": f"examples/benchmark_tt_embedding_cuda.py config {config} ({r['name']}, "
+                           f"{r['unique_ids']} unique of {r['ids']} ids): fused SGD {r['ms']['ours']:.3f} ms/step",
+                 "machine": f"{meta.get('device')}, torch {meta.get('torch')}"}
+    elif "tt_gflops" in bench:
+        cfg = bench.get("config", {})
+        entry = {"tt_gflops": round(float(bench["tt_gflops"]), 3),
+                 "unique_ratio": round(cfg["unique_ids"] / cfg["batch"], 4) if cfg.get("batch") else 1.0,
+                 "threads": cfg.get("threads"),
+                 "source": f"examples/benchmark_tt_embedding.py ({cfg}): tt_ms {bench.get('tt_ms')}, "
+                           f"sgemm {bench.get('sgemm_gflops')} GFLOP/s",
+                 "machine": f"{bench.get('machine')}, torch {bench.get('torch')}"}
+    else:
+        raise SystemExit(f"{bench_json}: neither examples/benchmark_tt_embedding.py nor "
+                         "examples/benchmark_tt_embedding_cuda.py --json output")
     try:
         with open(out) as f:
             data = json.load(f)
@@ -77,11 +92,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["calibrate"]:
         ap = argparse.ArgumentParser(prog="python -m torchrec_tt.planner calibrate", description=calibrate.__doc__)
-        ap.add_argument("--from", dest="bench", required=True, help="benchmark_tt_embedding.py --json output")
+        ap.add_argument("--from", dest="bench", required=True,
+                        help="--json output of examples/benchmark_tt_embedding.py or benchmark_tt_embedding_cuda.py")
         ap.add_argument("--device", default="cpu", help="calibration entry to write (cpu, cuda)")
+        ap.add_argument("--config", default="a", help="which result of the CUDA benchmark (default: the Kaggle table)")
         ap.add_argument("--out", default=CALIBRATION_PATH)
         a = ap.parse_args(argv[1:])
-        calibrate(a.bench, a.device, a.out)
+        calibrate(a.bench, a.device, a.out, a.config)
         return 0
     ap = argparse.ArgumentParser(prog="python -m torchrec_tt.planner", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)

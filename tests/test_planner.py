@@ -226,6 +226,25 @@ def test_calibrate_roundtrip(tmp_path):
         load_calibration("cpu", str(out))
 
 
+def test_calibrate_from_the_cuda_benchmark(tmp_path):
+    from torchrec_tt.planner.__main__ import main
+    from torchrec_tt.planner.estimators import load_calibration
+    bench = {"meta": {"device": "NVIDIA H100 80GB HBM3", "torch": "2.11.0+cu130"},
+             "results": [{"config": "b", "name": "(b)", "ids": 10240, "unique_ids": 10231, "ms": {"ours": 0.6},
+                          "gflops_unique_rows": 1886.8},
+                         {"config": "a", "name": "(a)", "ids": 8192, "unique_ids": 4237, "ms": {"ours": 0.4465},
+                          "gflops_unique_rows": 262.345}]}
+    (tmp_path / "bench.json").write_text(json.dumps(bench))
+    out = tmp_path / "cal.json"
+    assert main(["calibrate", "--from", str(tmp_path / "bench.json"), "--device", "cuda", "--out", str(out)]) == 0
+    cal = load_calibration("cuda", str(out))
+    assert (cal["tt_gflops"], cal["unique_ratio"], cal["threads"]) == (262.345, 0.5172, None)
+    assert "config a" in cal["source"] and "0.447 ms/step" in cal["source"] and "H100" in cal["machine"]
+    with pytest.raises(SystemExit, match="no measured config 'c'"):
+        main(["calibrate", "--from", str(tmp_path / "bench.json"), "--device", "cuda", "--config", "c",
+              "--out", str(out)])
+
+
 def test_bundled_tables():
     from torchrec_tt.planner import load_tables
     kaggle, tb = load_tables("kaggle"), load_tables("terabyte", embedding_dim=64)

@@ -190,8 +190,9 @@ at::Tensor fused_lookup_autograd(at::TensorList cores, at::TensorList optimizer_
                                  double eps, c10::string_view table_name) {
   const NoBackwardGuard eval(!at::GradMode::is_enabled());
   const auto recorded = one_recorded_core(cores);  // (apply finds variables in a TensorList, not a vector)
-  return FusedLookupFn::apply(at::TensorList(recorded), optimizer_state, indices, offsets, psw, num_embeddings, pooling_mode,
-                              include_last_offset, bounds_check_mode, optimizer, learning_rate, eps, table_name);
+  return FusedLookupFn::apply(at::TensorList(recorded), optimizer_state, indices, offsets, psw, num_embeddings,
+                              pooling_mode, include_last_offset, bounds_check_mode, optimizer, learning_rate, eps,
+                              table_name);
 }
 
 // ---- tt_cached_embedding_bag_fused: fused step on core slices and cached rows ----------------------
@@ -254,9 +255,9 @@ std::tuple<at::Tensor, at::Tensor> cached_lookup_autograd(
     double learning_rate, double eps, c10::string_view table_name) {
   const NoBackwardGuard eval(!at::GradMode::is_enabled());
   const auto recorded = one_recorded_core(cores);
-  auto out = CachedLookupFn::apply(at::TensorList(recorded), optimizer_state, cache_weight, cache_state, cache_map, cache_trained,
-                                   indices, offsets, psw, num_embeddings, pooling_mode, include_last_offset,
-                                   bounds_check_mode, optimizer, learning_rate, eps, table_name);
+  auto out = CachedLookupFn::apply(at::TensorList(recorded), optimizer_state, cache_weight, cache_state, cache_map,
+                                   cache_trained, indices, offsets, psw, num_embeddings, pooling_mode,
+                                   include_last_offset, bounds_check_mode, optimizer, learning_rate, eps, table_name);
   return {out[0], out[1]};
 }
 

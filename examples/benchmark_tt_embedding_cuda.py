@@ -237,11 +237,11 @@ def markdown(meta, results):
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         ms = r["ms"]
-        f = lambda k: f"{ms[k]:.3f}" if k in ms else "err"  # noqa: E731
+        f = lambda k: f"{ms[k]:.3f}" if k in ms else ("err" if k in r["errors"] else "-")  # noqa: E731
         g = lambda k, fmt: (fmt.format(r[k]) if k in r else "-")  # noqa: E731
         lines.append(f"| {r['name']} | {r['ids']} ({r['unique_ids']}) | {f('dense')} | {f('naive_tt')} | "
                      f"{f('ours_dense')} | {f('ours')} | {f('ours_checked')} | "
-                     f"{f('ours_graph') if DEVICE == 'cuda' else '-'} | {g('ours_over_dense', '{:.2f}')} | "
+                     f"{f('ours_graph')} | {g('ours_over_dense', '{:.2f}')} | "
                      f"{g('naive_over_ours', '{:.1f}')} | {g('us_per_lookup_fwd_bwd', '{:.4f}')} | "
                      f"{g('us_per_lookup_graph', '{:.4f}')} | {g('gflops_unique_rows', '{:.0f}')} |")
     for r in results:

@@ -10,8 +10,7 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__))))
-import benchmark_tt_embedding_cuda as b  # noqa: E402
+import benchmark_tt_embedding_cuda as b  # beside this script (its directory is on sys.path)
 
 
 def main():

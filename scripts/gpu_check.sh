@@ -74,26 +74,29 @@ step tests_cuda 140 bash -c "set -o pipefail; $PY -m pytest -q --maxfail=10 -rfE
 ROUNDS="${ROUNDS:-1}"
 BENCH="$PY examples/benchmark_tt_embedding_cuda.py --iters 30 --warmup 5"
 note() { printf '\n## %s\n\n' "$1" >> "$OUT/bench.md"; cat /tmp/bench_round.md >> "$OUT/bench.md" 2>/dev/null; rm -f /tmp/bench_round.md; }
+# The baseline's environment (`env` arguments): another tree's package, or this build with other variables.
+BASE="" BASE_NAME=""
+if [ -n "${BASELINE:-}" ]; then
+  BASE="PYTHONPATH='$BASELINE'" BASE_NAME="baseline tree $BASELINE"
+elif [ -n "${BASELINE_ENV:-}" ]; then
+  BASE="$BASELINE_ENV" BASE_NAME="this tree with $BASELINE_ENV"
+fi
 for i in $(seq 1 "$ROUNDS"); do
   json=$([ "$i" = 1 ] && echo "--json $OUT/bench_cuda.json" || true)
   step "bench_$i" 150 bash -c "set -o pipefail; $BENCH $json --markdown /tmp/bench_round.md"
   note "round $i: this tree"
-  if [ -n "${BASELINE:-}" ]; then
-    if [ "$i" = 1 ] && [ -d "$BASELINE/tests" ]; then
-      step tests_baseline 90 bash -c "cd '$BASELINE' && PYTHONPATH='$BASELINE' $PY -m pytest -q -p no:cacheprovider tests/test_cuda*.py 2>&1 | tail -n 15 > /tmp/tests_baseline.log"
-      { printf '\n==== baseline tree %s: tests/test_cuda*.py (last lines)\n' "$BASELINE"; cat /tmp/tests_baseline.log; } >> "$OUT/tests.log"
-    fi
-    step "bench_baseline_$i" 150 bash -c "PYTHONPATH='$BASELINE' $BENCH --markdown /tmp/bench_round.md > /dev/null"
-    note "round $i: baseline tree $BASELINE"
-  elif [ -n "${BASELINE_ENV:-}" ]; then
-    step "bench_baseline_$i" 150 bash -c "env $BASELINE_ENV $BENCH --markdown /tmp/bench_round.md > /dev/null"
-    note "round $i: this tree with $BASELINE_ENV"
+  if [ "$i" = 1 ] && [ -n "${BASELINE:-}" ] && [ -d "$BASELINE/tests" ]; then
+    step tests_baseline 90 bash -c "cd '$BASELINE' && PYTHONPATH='$BASELINE' $PY -m pytest -q -p no:cacheprovider tests/test_cuda*.py 2>&1 | tail -n 15 > /tmp/tests_baseline.log"
+    { printf '\n==== baseline tree %s: tests/test_cuda*.py (last lines)\n' "$BASELINE"; cat /tmp/tests_baseline.log; } >> "$OUT/tests.log"
+  fi
+  if [ -n "$BASE" ]; then
+    step "bench_baseline_$i" 150 bash -c "env $BASE $BENCH --markdown /tmp/bench_round.md > /dev/null"
+    note "round $i: $BASE_NAME"
   fi
 done
 cat "$OUT/bench.md"
 step profile 90 bash -c "$PY examples/profile_tt_embedding_cuda.py > '$OUT/profile.log' 2>&1"
-[ -n "${BASELINE_ENV:-}" ] && step profile_baseline 90 bash -c "env $BASELINE_ENV $PY examples/profile_tt_embedding_cuda.py > '$OUT/profile_baseline.log' 2>&1"
-[ -n "${BASELINE:-}" ] && step profile_baseline 90 bash -c "PYTHONPATH='$BASELINE' $PY examples/profile_tt_embedding_cuda.py > '$OUT/profile_baseline.log' 2>&1"
+[ -n "$BASE" ] && step profile_baseline 90 bash -c "env $BASE $PY examples/profile_tt_embedding_cuda.py > '$OUT/profile_baseline.log' 2>&1"
 sed -n "/one step/,/^===/p" "$OUT/profile.log" | head -n 120
 
 # ---- optional: hardware counters and memory / race checks of one step's kernels (extra.txt) ----

@@ -18,8 +18,8 @@ from torchrec_tt import TTEmbeddingBag
 from torchrec_tt.reference import tt_embedding_bag_reference
 
 sys.path.insert(0, os.path.dirname(__file__))
-from cuda_cases import (CASES, DEV, OPS, SHAPES, close, cuda_only, fresh_state, make_case, on,  # noqa: E402
-                        random_cores, run_backward, run_forward)
+from cuda_cases import (CASES, DEV, OPS, SHAPES, WIDE, WIDE_IDS, close, cuda_only, fresh_state,  # noqa: E402
+                        make_case, on, random_cores, run_backward, run_forward)
 from cuda_cases import plan_path  # noqa: E402, F401  (autouse fixture: every test on both plan paths)
 
 pytestmark = pytest.mark.skipif(DEV == "cuda" and not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -89,44 +89,8 @@ def test_fused_optimizer_matches_cpu(name, c):
         close(a, b, 1e-4)
 
 
-def wide_case(seed, p, q, ranks, n_ids, bag_size):
-    """Every row id once (a permutation, so each digit of level k has as many nodes as level k-1),
-    in bags of bag_size, with weights: the shapes that make the CUDA backward take its multi-pass,
-    unstaged and multi-chunk paths."""
-    g = torch.Generator().manual_seed(seed)
-    n_rows = math.prod(p)
-    ids = torch.randperm(n_rows, generator=g)[:n_ids]
-    return dict(cores=random_cores(p, q, ranks, seed), ids=ids, offsets=torch.arange(0, n_ids, bag_size),
-                psw=torch.rand(n_ids, generator=g, dtype=torch.float64) + 0.5, n_rows=n_rows, pooling=0,
-                include_last=False, num_bags=(n_ids + bag_size - 1) // bag_size, dim=math.prod(q))
-
-
-def hot_case(seed):
-    """Two ids occurring 150 and 40 times among others (more occurrences than a warp has lanes), D = 40."""
-    c = wide_case(seed, [6, 7, 8], [2, 5, 4], [1, 3, 4, 1], 300, 5)
-    c["ids"][torch.arange(0, 300, 2)] = 17
-    c["ids"][torch.arange(1, 200, 5)] = 250
-    c["pooling"] = 1
-    return c
-
-
-WIDE = [  # core slices of 64 x 256 (more than a block holds in one pass or in shared memory) and
-    # 16 x 136; 600 nodes at the last level, 300 per digit (more than one chunk of node numbers); hot ids
-    wide_case(0, [3, 4, 5], [2, 16, 2], [1, 64, 16, 1], 60, 3),
-    wide_case(1, [300, 2], [8, 17], [1, 16, 1], 600, 4),
-    hot_case(2),
-    # level 1 takes the warp-per-node parent-gradient kernel (nk = 36 >= 32, rk = 40 >= 16): two
-    # column groups of 32 lanes, rows in groups of 4 and 2 (m_prev = 6), several nodes per warp; its
-    # forward chain the 4-rows-per-thread kernel
-    wide_case(3, [40, 6, 3], [6, 3, 2], [1, 40, 12, 1], 300, 4),
-    # the same kernels with an odd nk (33) and one group of 3 rows
-    wide_case(4, [30, 5, 2], [3, 11, 2], [1, 20, 3, 1], 200, 3),
-]
-
-
 @pytest.mark.parametrize("name", [None, "sgd", "rowwise_adagrad"])
-@pytest.mark.parametrize("c", WIDE, ids=["wide_slices", "many_nodes_per_digit", "hot_ids", "warp_parent_grads",
-                                     "warp_parent_grads_odd"])
+@pytest.mark.parametrize("c", WIDE, ids=WIDE_IDS)
 def test_wide_shapes_match_cpu(name, c):
     close(run_forward(c, DEV), run_forward(c, "cpu"), 1e-4)
     grad = torch.randn(c["num_bags"], c["dim"], generator=torch.Generator().manual_seed(3), dtype=torch.float64)

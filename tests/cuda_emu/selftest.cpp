@@ -1,0 +1,59 @@
+// Kernels that check the emulator itself (tests/test_cuda_emulated.py): that it reproduces CUDA's
+// warp intrinsics, and that a missing barrier or a deadlock shows instead of passing silently.
+#include "emu.h"
+
+#include <string>
+#include <vector>
+
+namespace {
+
+// out[t] = in[blockDim - 1 - t] through shared memory; without the barrier a thread reads its
+// partner's slot before the partner wrote it.
+template <bool kBarrier>
+__global__ void reverse_kernel(const int* in, int* out) {
+  __shared__ int s[1024];
+  const int t = threadIdx.x, n = blockDim.x;
+  s[t] = in[t];
+  if (kBarrier) __syncthreads();
+  out[t] = s[n - 1 - t];
+}
+
+// Per thread: shfl (lane 5's 2t), shfl_up by 3, shfl_xor 1, ballot of t % 3 == 0, syncthreads_count.
+__global__ void intrinsics_kernel(int* out) {
+  const int t = threadIdx.x;
+  int* o = out + 5 * t;
+  o[0] = __shfl_sync(0xffffffffu, 2 * t, 5);
+  o[1] = __shfl_up_sync(0xffffffffu, t, 3);
+  o[2] = __shfl_xor_sync(0xffffffffu, t, 1);
+  o[3] = static_cast<int>(__ballot_sync(0xffffffffu, t % 3 == 0));
+  o[4] = __syncthreads_count(t % 4 == 0);
+}
+
+// Half of warp 0 waits at the block barrier, the other half at a warp shuffle that needs all 32.
+__global__ void deadlock_kernel(int* out) {
+  const int t = threadIdx.x;
+  if (t < 16) {
+    __syncthreads();
+  } else {
+    out[t] = __shfl_sync(0xffffffffu, t, 0);
+  }
+}
+
+}  // namespace
+
+// Runs one self-test kernel on `threads` threads (one block), input seed * 10000 + t; returns its
+// output and the launch's error.
+std::pair<std::vector<int>, int> emu_selftest(const std::string& name, int threads, int seed) {
+  std::vector<int> in(threads), out(static_cast<size_t>(threads) * 5, -1);
+  for (int i = 0; i < threads; ++i) in[i] = seed * 10000 + i;
+  if (name == "reverse") {
+    reverse_kernel<true><<<1, threads>>>(in.data(), out.data());
+  } else if (name == "reverse_without_barrier") {
+    reverse_kernel<false><<<1, threads>>>(in.data(), out.data());
+  } else if (name == "intrinsics") {
+    intrinsics_kernel<<<1, threads>>>(out.data());
+  } else if (name == "deadlock") {
+    deadlock_kernel<<<1, threads>>>(out.data());
+  }
+  return {out, static_cast<int>(cudaGetLastError())};
+}

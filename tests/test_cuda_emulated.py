@@ -1,0 +1,278 @@
+"""csrc/cuda's kernels run on the CPU by an emulator (tests/cuda_emu), against the CPU op: forward,
+dense and fused backward, validation records, the backward guard, both plan paths, half cores.
+
+Why: most machines this project is built on have no GPU, and the CUDA tests (test_cuda.py) skip
+there. The emulator compiles the very kernel sources with g++ and runs each block as fibers that
+switch only at barriers and warp intrinsics, so indexing, synchronisation and determinism are
+checked everywhere; speed, the memory model and the torch glue (tt_embedding_bag_cuda.cpp) are not.
+The emulator's own checks come first: its intrinsics against CUDA's definitions, a missing barrier
+and a deadlock that it must expose.
+"""
+import math
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from cuda_cases import CASES, SHAPES, WIDE, WIDE_IDS, OPS, fresh_state, random_cores  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "cuda_emu"))
+import build as emu_build  # noqa: E402
+
+OPTIMIZERS = {"sgd": 1, "adagrad": 2, "rowwise_adagrad": 3}
+NO_PLAN = torch.empty(0, dtype=torch.uint8)
+NO_RECORD = torch.empty(0, dtype=torch.long)
+ERR_NONE = -1  # kNoErrorKey as int64
+ERR_OFFSETS_START, ERR_OFFSETS_DECREASING, ERR_LAST_OFFSET, ERR_WEIGHT, ERR_ID = 1, 2, 3, 4, 5
+
+
+@pytest.fixture(scope="module")
+def emu():
+    try:
+        emu_build.cuda_include()
+    except RuntimeError as e:  # a machine without the CUDA headers; .ci/run sets TORCHREC_TT_REQUIRE_EMU=1
+        if os.environ.get("TORCHREC_TT_REQUIRE_EMU") == "1":
+            raise
+        pytest.skip(str(e))
+    return emu_build.build()
+
+
+@pytest.fixture(params=["one_block_plan", "general_plan"])
+def plan_path(request, monkeypatch):
+    """Both plan paths (TORCHREC_TT_CUDA_SMALL_PLAN is read by the launchers at each call)."""
+    monkeypatch.setenv("TORCHREC_TT_CUDA_SMALL_PLAN", "1" if request.param == "one_block_plan" else "0")
+    return request.param
+
+
+def args(c, dtype=torch.float32):
+    """The kernels' inputs for case c: cores, ids, int64 offsets, weights."""
+    psw = None if c["psw"] is None else c["psw"].to(dtype)
+    return [x.to(dtype) for x in c["cores"]], c["ids"], c["offsets"].long(), psw
+
+
+def emu_forward(emu, c, cores=None, dtype=torch.float32, record_id_errors=True):
+    cs, ids, offsets, psw = args(c, dtype)
+    return emu.forward(cores if cores is not None else cs, ids, offsets, psw, c["n_rows"], c["pooling"] == 1,
+                       c["include_last"], record_id_errors)
+
+
+def grad_of(c, seed=7, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(c["num_bags"], c["dim"], generator=g, dtype=torch.float64).to(dtype)
+
+
+def emu_fused_step(emu, c, name, cores, state, grad, lr=0.05, eps=1e-6):
+    """A training step: forward (its plan and record handed to backward), fused backward in place.
+    The record reports no id errors, as the glue asks in warn / ignore mode (error mode raises)."""
+    _, ids, offsets, psw = args(c, cores[0].dtype)
+    out, plan, rec = emu_forward(emu, c, cores=cores, dtype=cores[0].dtype, record_id_errors=False)
+    emu.backward(grad, cores, state, ids, offsets, psw, c["n_rows"], c["pooling"] == 1, c["include_last"],
+                 OPTIMIZERS[name], lr, eps, False, plan, rec)
+    return out
+
+
+def cpu_fused_step(c, name, cores, state, grad, lr=0.05, eps=1e-6):
+    _, ids, _, psw = args(c, cores[0].dtype)
+    OPS.tt_embedding_bag_backward_fused_(grad, cores, state, ids, c["offsets"], psw, c["n_rows"], c["pooling"],
+                                         c["include_last"], name, lr, eps, "t")
+
+
+def close(a, b, tol):
+    torch.testing.assert_close(a.double(), b.double(), rtol=tol, atol=tol)
+
+
+# ---- the emulator itself ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("threads", [32, 96, 256])
+def test_emulator_intrinsics_match_cuda_definitions(emu, threads):
+    out, err = emu.selftest("intrinsics", threads, 1)
+    assert err == 0
+    got = torch.tensor(out).view(threads, 5)
+    for t in range(threads):
+        lane, base = t % 32, t - t % 32
+        ballot = sum(1 << k for k in range(32) if (base + k) % 3 == 0)
+        expected = [2 * (base + 5), t - 3 if lane >= 3 else t, t ^ 1, ballot - (1 << 32 if ballot >= 1 << 31 else 0),
+                    sum(1 for u in range(threads) if u % 4 == 0)]
+        assert got[t].tolist() == expected, t
+
+
+def test_emulator_exposes_missing_barrier_and_deadlock(emu):
+    for seed in (1, 2):  # new values each run: stale shared memory from the last run cannot pass
+        out, err = emu.selftest("reverse", 64, seed)
+        assert err == 0 and out[:64] == [seed * 10000 + 63 - t for t in range(64)]
+        out, err = emu.selftest("reverse_without_barrier", 64, seed)
+        assert err == 0 and out[:64] != [seed * 10000 + 63 - t for t in range(64)]
+    _, err = emu.selftest("deadlock", 64, 1)
+    assert err != 0  # cudaErrorLaunchFailure, with a message on stderr
+    out, err = emu.selftest("reverse", 64, 3)  # the error was reported once and cleared
+    assert err == 0 and out[0] == 30063
+
+
+# ---- against the CPU op -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("c", CASES + WIDE, ids=[f"case{i}" for i in range(len(CASES))] + WIDE_IDS)
+def test_forward_matches_cpu(emu, c, plan_path):
+    cores, ids, _, psw = args(c)
+    out, _, rec = emu_forward(emu, c)
+    close(out, OPS.tt_embedding_bag(cores, ids, c["offsets"], psw, c["n_rows"], c["pooling"], c["include_last"], 0,
+                                    "t"), 1e-5)
+    if rec.numel():  # the one-block plan validated the batch in the same launch
+        assert rec.tolist() == [ERR_NONE, rec[1].item(), rec[2].item(), 0]
+
+
+@pytest.mark.parametrize("with_forward_plan", [True, False])
+@pytest.mark.parametrize("c", CASES + WIDE, ids=[f"case{i}" for i in range(len(CASES))] + WIDE_IDS)
+def test_dense_backward_matches_cpu(emu, c, with_forward_plan, plan_path):
+    cores, ids, offsets, psw = args(c)
+    grad = grad_of(c)
+    weighted = psw is not None
+    _, plan, rec = emu_forward(emu, c)
+    grads, psw_grad = emu.backward(grad, cores, [], ids, offsets, psw, c["n_rows"], c["pooling"] == 1,
+                                   c["include_last"], 0, 0.0, 0.0, weighted, plan if with_forward_plan else NO_PLAN,
+                                   rec if with_forward_plan else NO_RECORD)
+    ref, ref_psw = OPS.tt_embedding_bag_backward(grad, cores, ids, c["offsets"], psw, c["n_rows"], c["pooling"],
+                                                 c["include_last"], weighted, "t")
+    for g, h in zip(grads, ref):
+        close(g, h, 1e-4)
+    if weighted:
+        close(psw_grad, ref_psw, 1e-4)
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+@pytest.mark.parametrize("c", CASES[:12] + CASES[-len(SHAPES):] + WIDE,
+                         ids=[f"case{i}" for i in range(12)] + [f"shape{i}" for i in range(len(SHAPES))] + WIDE_IDS)
+def test_fused_update_matches_cpu(emu, c, name, plan_path):
+    grad = grad_of(c, 3)
+    emu_cores, emu_state = [x.float() for x in c["cores"]], fresh_state(name, c["cores"], 5)
+    emu_fused_step(emu, c, name, emu_cores, emu_state, grad)
+    cpu_cores, cpu_state = [x.float() for x in c["cores"]], fresh_state(name, c["cores"], 5)
+    cpu_fused_step(c, name, cpu_cores, cpu_state, grad)
+    for a, b in zip(emu_cores + emu_state, cpu_cores + cpu_state):
+        close(a, b, 1e-4)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 5e-3), (torch.bfloat16, 4e-2)])
+def test_half_cores_match_float32(emu, dtype, tol, plan_path):
+    for c in CASES[:6] + CASES[-len(SHAPES):]:
+        cores = [x.to(dtype) for x in c["cores"]]  # the float32 reference takes the same rounded cores
+        out = emu_forward(emu, c, cores=cores, dtype=dtype)[0]
+        _, ids, _, psw = args(c, dtype)
+        ref = OPS.tt_embedding_bag([x.float() for x in cores], ids, c["offsets"], None if psw is None else psw.float(),
+                                   c["n_rows"], c["pooling"], c["include_last"], 0, "t")
+        assert out.dtype == dtype
+        close(out, ref, tol * max(1.0, float(ref.abs().max())))
+
+
+# ---- bad input: validation records and the backward guard -----------------------------------------
+
+def small_case(ids, offsets, psw=None, include_last=False, n_rows=60):
+    return dict(cores=random_cores([4, 3, 5], [2, 1, 3], [1, 3, 2, 1], 0), ids=torch.tensor(ids),
+                offsets=torch.tensor(offsets), psw=None if psw is None else torch.tensor(psw, dtype=torch.float64),
+                n_rows=n_rows, pooling=0, include_last=include_last,
+                num_bags=len(offsets) - (1 if include_last else 0), dim=6)
+
+
+BAD = [  # (ids, offsets, psw, include_last) -> (kind, position, value0) of the first error
+    (([1, 2, 3, 4], [1, 2, 3], None, False), (ERR_OFFSETS_START, 0, 1)),
+    (([1, 2, 3, 4], [0, 3, 2], None, False), (ERR_OFFSETS_DECREASING, 2, 2)),
+    (([1, 2, 3, 4], [0, 1, 5], None, True), (ERR_LAST_OFFSET, 2, 5)),
+    (([1, 2, 3, 4], [0, 1, 6], None, False), (ERR_LAST_OFFSET, 2, 6)),
+    (([1, 2, 3, 4], [0, 2], [1.0, float("nan"), 1.0, 1.0], False), (ERR_WEIGHT, 0, None)),
+    (([1, 60, 3, -2], [0, 2], None, False), (ERR_ID, 1, 60)),
+    (([1, 2, 3, -2], [0, 2], None, False), (ERR_ID, 3, -2)),
+    (([1, 2, 3, 4], [0, 3, 2], [1.0, float("inf"), 1.0, 1.0], False), (ERR_OFFSETS_DECREASING, 2, 2)),
+]
+
+
+@pytest.mark.parametrize("case,expected", BAD)
+def test_validation_record_names_the_first_error(emu, case, expected, plan_path):
+    c = small_case(*case)
+    cores, ids, offsets, psw = args(c)
+    kind, pos, value0 = expected
+    records = [emu.validate(cores, ids, offsets, psw, c["n_rows"], c["include_last"], True)]
+    rec = emu_forward(emu, c)[2]
+    if rec.numel():
+        records.append(rec)
+    for r in records:
+        key = r[0].item() & (2 ** 64 - 1)
+        assert (key >> 56, key & (2 ** 56 - 1)) == (kind, pos)
+        if value0 is not None:
+            assert r[1].item() == value0
+    assert emu.validate(cores, ids, offsets, psw, c["n_rows"], c["include_last"], False)[0].item() == (
+        ERR_NONE if kind == ERR_ID else records[0][0].item())  # id errors only when asked for
+
+
+@pytest.mark.parametrize("case", [b[0] for b in BAD if b[1][0] != ERR_ID])
+def test_guard_leaves_cores_and_state_untouched(emu, case, plan_path):
+    c = small_case(*case)
+    cores, ids, offsets, psw = args(c)
+    guard = emu.validate(cores, ids, offsets, psw, c["n_rows"], c["include_last"], False)
+    state = fresh_state("rowwise_adagrad", c["cores"], 1)
+    before = [x.clone() for x in cores + state]
+    emu.backward(grad_of(c), cores, state, ids, offsets, psw, c["n_rows"], False, c["include_last"],
+                 OPTIMIZERS["rowwise_adagrad"], 0.5, 1e-8, False, NO_PLAN, guard)
+    for a, b in zip(cores + state, before):
+        assert torch.equal(a, b)
+
+
+def test_invalid_ids_are_dropped_like_cpu(emu, plan_path):
+    c = small_case([1, 60, 3, -2, 59, 7, 100, 0], [0, 3, 3, 6])
+    cores, ids, offsets, _ = args(c)
+    out, _, rec = emu_forward(emu, c, record_id_errors=False)
+    close(out, OPS.tt_embedding_bag(cores, ids, c["offsets"], None, 60, 0, False, 2, "t"), 1e-5)
+    assert emu.validate(cores, ids, offsets, None, 60, False, False)[3].item() == 3  # dropped ids counted
+    if rec.numel():
+        assert rec[0].item() == ERR_NONE and rec[3].item() == 3
+    emu_cores, emu_state = [x.float() for x in c["cores"]], fresh_state("adagrad", c["cores"], 2)
+    emu_fused_step(emu, c, "adagrad", emu_cores, emu_state, grad_of(c))
+    cpu_cores, cpu_state = [x.float() for x in c["cores"]], fresh_state("adagrad", c["cores"], 2)
+    cpu_fused_step(c, "adagrad", cpu_cores, cpu_state, grad_of(c))
+    for a, b in zip(emu_cores + emu_state, cpu_cores + cpu_state):
+        close(a, b, 1e-5)
+
+
+# ---- plan paths and scheduling: bitwise -----------------------------------------------------------
+
+def batch(n, n_rows, bags, seed):
+    g = torch.Generator().manual_seed(seed)
+    p = [2 ** 10] * 3
+    ids = torch.randint(0, n_rows, (n,), generator=g)
+    ids[: n // 3] = ids[n // 3: 2 * (n // 3)]  # shared prefixes and repeated rows
+    offsets = torch.sort(torch.randint(0, n + 1, (bags,), generator=g)).values
+    offsets[0] = 0
+    return dict(cores=random_cores(p, [2, 2, 2], [1, 3, 3, 1], seed, torch.float32), ids=ids, offsets=offsets,
+                psw=torch.rand(n, generator=g, dtype=torch.float64) + 0.5, n_rows=n_rows, pooling=0,
+                include_last=False, num_bags=bags, dim=8)
+
+
+def step_outputs(emu, c):
+    cores, state = [x.float().clone() for x in c["cores"]], fresh_state("rowwise_adagrad", c["cores"], 4)
+    out = emu_fused_step(emu, c, "rowwise_adagrad", cores, state, grad_of(c, 1))
+    return [out] + cores + state
+
+
+@pytest.mark.parametrize("n,n_rows,bags", [(700, 2 ** 10 - 1, 100), (11_264, 200_000, 1609)])
+def test_one_block_plan_equals_general_plan(emu, n, n_rows, bags, monkeypatch):
+    """At the one-block capacity too, and with N = 2^k - 1 (the sentinel key has every bit set)."""
+    c = batch(n, n_rows, bags, n)
+    results = {}
+    for path in ("1", "0"):
+        monkeypatch.setenv("TORCHREC_TT_CUDA_SMALL_PLAN", path)
+        results[path] = step_outputs(emu, c)
+    for a, b in zip(results["1"], results["0"]):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("c", [WIDE[2], WIDE[3], batch(3000, 50_000, 300, 5)], ids=["hot_ids", "warp", "batch"])
+def test_block_and_thread_order_do_not_change_results(emu, c, monkeypatch):
+    """Blocks and threads run in reverse order (EMU_REVERSE=1): no result may depend on the order in
+    which blocks run or threads reach a barrier (no float atomics, no races)."""
+    results = []
+    for order in ("0", "1"):
+        monkeypatch.setenv("EMU_REVERSE", order)
+        results.append(step_outputs(emu, c))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    assert math.isfinite(float(results[0][0].abs().sum()))

@@ -7,8 +7,9 @@
 // Each block runs as blockDim.x fibers (ucontext) on the calling thread, one block after another.
 // A fiber runs until it reaches a synchronisation point (__syncthreads, a *_sync warp intrinsic,
 // a CUB block collective), so every missing barrier shows up as a wrong result, not as a lucky
-// interleaving. EMU_REVERSE=1 runs blocks and threads in reverse order: a kernel whose result
-// depends on the order of blocks or of threads between barriers gives different answers.
+// interleaving. EMU_SCHEDULE=reverse / shuffle runs blocks and threads in reverse / random order:
+// a kernel whose result depends on the order of blocks, or of threads between barriers, gives
+// different answers.
 // __shared__ variables are function-local statics (blocks run one at a time); dynamic shared memory
 // is refilled with 0xff bytes (NaN floats, -1 ints) for every block. A deadlock (threads waiting at
 // different barriers, a warp intrinsic with exited lanes) stops the launch and is reported by
@@ -86,9 +87,25 @@ inline Runtime& rt() {
   return r;
 }
 
-inline bool reversed() {
-  const char* v = std::getenv("EMU_REVERSE");
-  return v != nullptr && std::strcmp(v, "1") == 0;
+// EMU_SCHEDULE: the order of blocks, and of threads in each round between synchronisation points:
+// "forward" (default), "reverse", or "shuffle" (a new random order every round, seeded).
+enum class Schedule { kForward, kReverse, kShuffle };
+inline Schedule schedule() {
+  const char* v = std::getenv("EMU_SCHEDULE");
+  if (v != nullptr && std::strcmp(v, "reverse") == 0) return Schedule::kReverse;
+  if (v != nullptr && std::strcmp(v, "shuffle") == 0) return Schedule::kShuffle;
+  return Schedule::kForward;
+}
+
+// 0..n-1 in the schedule's order.
+inline void order(std::vector<unsigned>& o, unsigned n, Schedule s, uint64_t& rng) {
+  o.resize(n);
+  for (unsigned i = 0; i < n; ++i) o[i] = s == Schedule::kReverse ? n - 1 - i : i;
+  if (s != Schedule::kShuffle) return;
+  for (unsigned i = n; i > 1; --i) {  // Fisher-Yates with a 64-bit LCG
+    rng = rng * 6364136223846793005ull + 1442695040888963407ull;
+    std::swap(o[i - 1], o[(rng >> 33) % i]);
+  }
 }
 
 inline void yield() {
@@ -203,9 +220,11 @@ inline void run_grid(const LaunchCfg& c, const char* kernel, std::function<void(
   for (auto& f : r.fibers)
     if (f.stack.size() < kStackBytes) f.stack.resize(kStackBytes);
   r.warps.assign((threads + kWarp - 1) / kWarp, WarpState{});
-  const bool rev = reversed();
-  for (unsigned i = 0; i < c.grid.x; ++i) {
-    const unsigned b = rev ? c.grid.x - 1 - i : i;
+  const Schedule sched = schedule();
+  uint64_t rng = 0x9e3779b97f4a7c15ull;
+  std::vector<unsigned> blocks, turn;
+  order(blocks, c.grid.x, sched, rng);
+  for (const unsigned b : blocks) {
     r.block_idx = uint3{b, 0, 0};
     r.dyn_smem.assign(c.smem, 0xff);
     r.live = static_cast<int>(threads);
@@ -224,11 +243,11 @@ inline void run_grid(const LaunchCfg& c, const char* kernel, std::function<void(
     for (;;) {
       const unsigned long before = r.progress;
       bool any = false;
-      for (unsigned s = 0; s < threads; ++s) {
-        const int t = static_cast<int>(rev ? threads - 1 - s : s);
+      order(turn, threads, sched, rng);
+      for (const unsigned t : turn) {
         if (r.fibers[t].done) continue;
         any = true;
-        r.cur = t;
+        r.cur = static_cast<int>(t);
         swapcontext(&r.sched, &r.fibers[t].ctx);
       }
       if (!any) break;

@@ -6,7 +6,7 @@
 // 8-operation radix sort, a 2-kernel CUB scan, scatter, node info) and backward's digit grouping 10
 // more; each costs the host a launch. Here one block of 1024 threads holds the whole batch in
 // registers: small_plan_kernel validates, sorts (cub::BlockRadixSort on 32-bit keys), scans the
-// per-level new-node flags (cub::BlockScan) and writes the same plan arrays as the general path;
+// per-level new-node flags (warp ballots, one scan of the per-warp counts) and writes the same plan arrays as the general path;
 // small_group_kernel (one block per level) does backward's (level, digit) grouping. Same results as
 // the general path, bit for bit (both sorts are stable).
 // All of a batch's memory traffic goes through one SM here, so every global access is striped
@@ -16,7 +16,6 @@
 
 #include <cub/block/block_exchange.cuh>
 #include <cub/block/block_radix_sort.cuh>
-#include <cub/block/block_scan.cuh>
 
 #include "tt_plan_kernels.cuh"
 #include "tt_workspace.cuh"
@@ -30,11 +29,13 @@ constexpr int64_t kSmallPlanMax = int64_t(kSmallBlock) * kSmallItems;  // 11,264
 
 using SmallSort = cub::BlockRadixSort<unsigned int, kSmallBlock, kSmallItems, int, 4, false>;
 using SmallExchange = cub::BlockExchange<unsigned int, kSmallBlock, kSmallItems>;
-using SmallScan = cub::BlockScan<LevelCounts, kSmallBlock, cub::BLOCK_SCAN_WARP_SCANS>;
 union SmallTemp {
   typename SmallSort::TempStorage sort;
   typename SmallExchange::TempStorage exchange;
-  typename SmallScan::TempStorage scan;
+  struct Numbering {  // small_plan_kernel's node counts: per level (+ valid ids), per (row, warp)
+    int counts[kMaxCores + 1][kSmallItems * (kSmallBlock / kWarp)];
+    int totals[kMaxCores + 1];
+  } numbering;
 };
 static_assert(sizeof(SmallTemp) <= 46 * 1024, "one-block plan: shared memory over the static limit");
 
@@ -131,47 +132,102 @@ __global__ void __launch_bounds__(kSmallBlock)
     for (int p = s + t; p < e; p += kSmallBlock) pw.bag_of[p] = long_bags[q];
   }
 
-  // Row by row: fresh.c[k] = 1 where an entry starts a new prefix of length k + 1 (a new node of
-  // level k); a block scan numbers the nodes. Keys are below 2^32: 32-bit divisions.
-  LevelCounts carry{};  // nodes of each level in the rows before
-  int valid_ids = 0;
-  for (int i = 0; i < kSmallItems && i * kSmallBlock < n; ++i) {
+  // Node numbering without a block scan per row. Pass 1, row by row: bit k of fresh[i] says the
+  // entry starts a new prefix of length k + 1 (a new node of level k; then of every deeper level
+  // too), bit kValidBit that it is a valid id; each warp's counts go to shared memory (in temp: the
+  // sort is done). Keys are below 2^32: 32-bit divisions.
+  constexpr int kValidBit = kMaxCores;
+  constexpr int kSlots = kSmallItems * kWarps;  // (row, warp) pairs, in entry order
+  const int d = g.d;
+  unsigned short fresh[kSmallItems];
+#pragma unroll
+  for (int i = 0; i < kSmallItems; ++i) {
+    fresh[i] = 0;
+    if (i * kSmallBlock >= n) {  // a row past the batch (uniform over the block): counts 0
+      if (lane == 0) {
+#pragma unroll
+        for (int k = 0; k <= kMaxCores; ++k) temp.numbering.counts[k][i * kWarps + w] = 0;
+      }
+      continue;
+    }
     const int x = i * kSmallBlock + t;
-    const bool valid = x < n && key[i] < sentinel;
     unsigned int before = __shfl_up_sync(0xffffffffu, key[i], 1);  // entry x - 1
     if (lane == 0) before = w > 0 ? warp_last[i][w - 1] : (i > 0 ? warp_last[i - 1][kWarps - 1] : 0u);
-    LevelCounts fresh{};
-#pragma unroll
-    for (int k = 0; k < kMaxCores; ++k) {
-      if (k < g.d && valid) {
-        const auto div = static_cast<unsigned int>(g.div[k]);
-        fresh.c[k] = (x == 0 || key[i] / div != before / div) ? 1 : 0;
-      }
-    }
-    LevelCounts excl, row_total;
-    SmallScan(temp.scan).ExclusiveScan(fresh, excl, LevelCounts{}, AddLevelCounts{}, row_total);
-    valid_ids += __syncthreads_count(valid);  // also the barrier before the next row's scan
-    if (x < n) {
-      LevelCounts incl;
+    if (x < n && key[i] < sentinel) {
+      unsigned int bits = 1u << kValidBit;
+      bool differs = x == 0;
 #pragma unroll
       for (int k = 0; k < kMaxCores; ++k) {
-        incl.c[k] = carry.c[k] + excl.c[k] + fresh.c[k];
-        if (k < g.d) {
-          pw.incl[k][x] = incl.c[k];
-          if (fresh.c[k]) {  // node incl - 1 of level k starts here: its first entry, digit and parent
-            const int node = incl.c[k] - 1;
-            pw.first[k][node] = x;
-            pw.digit[k][node] = static_cast<int>(key[i] / static_cast<unsigned int>(g.div[k]) %
-                                                  static_cast<unsigned int>(g.p[k]));
-            if (k > 0) pw.parent[k][node] = incl.c[k - 1] - 1;
-          }
+        if (k >= d) break;
+        if (!differs) {
+          const auto div = static_cast<unsigned int>(g.div[k]);
+          differs = key[i] / div != before / div;
+        }
+        if (differs) bits |= 1u << k;
+      }
+      fresh[i] = static_cast<unsigned short>(bits);
+    }
+#pragma unroll
+    for (int k = 0; k <= kMaxCores; ++k) {
+      if (k < d || k == kValidBit) {
+        const unsigned int m = __ballot_sync(0xffffffffu, (fresh[i] >> k) & 1u);
+        if (lane == 0) temp.numbering.counts[k][i * kWarps + w] = __popc(m);
+      }
+    }
+  }
+  __syncthreads();
+  // Exclusive scan of each level's (row, warp) counts: warp k takes level k (warp kValidBit: the
+  // valid ids), each lane kSlots / kWarp consecutive slots.
+  if (w < d || w == kValidBit) {
+    constexpr int kPerLane = kSlots / kWarp;
+    int* c = temp.numbering.counts[w] + lane * kPerLane;
+    int sum = 0;
+#pragma unroll
+    for (int q = 0; q < kPerLane; ++q) sum += c[q];
+    int before_lane = sum;
+#pragma unroll
+    for (int o = 1; o < kWarp; o <<= 1) {
+      const int v = __shfl_up_sync(0xffffffffu, before_lane, o);
+      if (lane >= o) before_lane += v;
+    }
+    if (lane == kWarp - 1) temp.numbering.totals[w] = before_lane;
+    before_lane -= sum;
+#pragma unroll
+    for (int q = 0; q < kPerLane; ++q) {
+      const int v = c[q];
+      c[q] = before_lane;
+      before_lane += v;
+    }
+  }
+  __syncthreads();
+  // Pass 2: an entry's node number at level k = the nodes before its warp's row slot + those started
+  // by lanes up to it. Nodes are written where they start: first entry, digit, parent.
+  const unsigned int upto_lane = 0xffffffffu >> (kWarp - 1 - lane);
+#pragma unroll
+  for (int i = 0; i < kSmallItems; ++i) {
+    if (i * kSmallBlock >= n) continue;
+    const int x = i * kSmallBlock + t;
+    int incl_prev = 0;
+#pragma unroll
+    for (int k = 0; k < kMaxCores; ++k) {
+      if (k >= d) break;
+      const unsigned int m = __ballot_sync(0xffffffffu, (fresh[i] >> k) & 1u);
+      const int incl = temp.numbering.counts[k][i * kWarps + w] + __popc(m & upto_lane);
+      if (x < n) {
+        pw.incl[k][x] = incl;
+        if ((fresh[i] >> k) & 1u) {
+          const int node = incl - 1;
+          pw.first[k][node] = x;
+          pw.digit[k][node] = static_cast<int>(key[i] / static_cast<unsigned int>(g.div[k]) %
+                                                static_cast<unsigned int>(g.p[k]));
+          if (k > 0) pw.parent[k][node] = incl_prev - 1;
         }
       }
-      pw.slot[val[i]] = valid ? incl.c[g.d - 1] - 1 : -1;
+      incl_prev = incl;
     }
-    carry = AddLevelCounts{}(carry, row_total);
+    if (x < n) pw.slot[val[i]] = (fresh[i] >> kValidBit) & 1u ? incl_prev - 1 : -1;
   }
-  if (t < g.d) pw.first[t][carry.c[t]] = valid_ids;  // every level's CSR ends after the last valid id
+  if (t < d) pw.first[t][temp.numbering.totals[t]] = temp.numbering.totals[kValidBit];  // CSR ends after the last valid id
 }
 
 // Backward's grouping of every level's nodes by digit when each level has <= kSmallPlanMax nodes:

@@ -288,6 +288,39 @@ __global__ void dprev_reduce_kernel(Plan pl, int k, const float* __restrict__ dc
   }
 }
 
+// dP_{k-1}[jp] (m_prev x rk) = sum over the children j of jp (in node order) of dP_k[j] (m_prev x nk) @
+// G_k[digit_j]^T (nk x rk) in one pass, one thread per output element, for levels with short slices
+// and few children per parent (fused_parent_grad, tt_workspace.cuh). There the digit-grouped kernels
+// above share little (a slice of rk x nk floats, L1-resident) but write, then dprev_reduce_kernel
+// re-reads, a share of m_prev x rk floats per child: (b)'s last level, 16 x 32 floats per 16 x 4 of dP_k.
+// Each share is summed over c in ascending order and the shares are added in child order: the same
+// floating-point operations, in the same order, as those kernels (bitwise-equal results). Reads core k:
+// runs before slice_grad_kernel updates it.
+template <typename T>
+__global__ void parent_grad_kernel(Plan pl, int k, int m_prev, int rk, int nk, const T* __restrict__ core,
+                                   const float* __restrict__ dp, float* __restrict__ dprev, int64_t bound_prev) {
+  const int64_t cnt = level_count(pl, k - 1);
+  const int per_node = m_prev * rk;
+  const int64_t total = (cnt < bound_prev ? cnt : bound_prev) * per_node;
+  const int64_t slice = int64_t(rk) * nk;
+  for (int64_t q = grid_start(); q < total; q += grid_stride()) {
+    const int64_t jp = q / per_node;
+    const int r = static_cast<int>(q - jp * per_node);
+    const int am = r / rk, t = r - am * rk;  // lanes of a warp: consecutive t, mostly one am (dP_k broadcast)
+    const int s = pl.first[k - 1][jp], e = pl.first[k - 1][jp + 1];
+    const int c0 = pl.incl[k][s] - 1, c1 = pl.incl[k][e - 1];  // children [c0, c1)
+    float acc = 0.f;
+    for (int j = c0; j < c1; ++j) {
+      const float* drow = dp + (int64_t(j) * m_prev + am) * nk;
+      const T* g = core + pl.digit[k][j] * slice + int64_t(t) * nk;
+      float share = 0.f;
+      for (int c = 0; c < nk; ++c) share += __ldg(drow + c) * to_f(g[c]);
+      acc += share;
+    }
+    dprev[q] = acc;
+  }
+}
+
 struct UpdateSlice {
   Optimizer opt;
   float lr, eps;

@@ -193,7 +193,12 @@ cudaError_t backward_level(const TTDims& t, const Sizes& sz, int k, const Plan& 
   LevelArgs a = group_level_args(sz, k, m_prev, rk, nk, pw);
   a.dp = d_cur;
   const unsigned digits = static_cast<unsigned>(t.p[k]);
-  if (k > 0) {  // dP_{k-1}: the last read of core k, before its update below
+  if (k > 0 && fused_parent_grad(t, sz, k)) {  // dP_{k-1} in one pass (reads core k before its update below)
+    const int per_node = m_prev * rk;
+    parent_grad_kernel<T><<<grid_for(sz.bound[k - 1] * per_node, kFlatBlock), kFlatBlock, 0, stream>>>(
+        pl, k, m_prev, rk, nk, core, d_cur, d_prev, sz.bound[k - 1]);
+    TT_LAUNCHED();
+  } else if (k > 0) {  // dP_{k-1} by digit, then reduced: the last read of core k, before its update below
     const int64_t transposed_bytes = int64_t(sizeof(float)) * nk * odd_stride(rk);
     if (nk >= 32 && rk >= 16 && transposed_bytes <= kStageBytes) {  // long reductions, wide ranks
       child_grad_warp_kernel<T><<<digits, kWarpBlock, static_cast<size_t>(transposed_bytes), stream>>>(pl, a, core,

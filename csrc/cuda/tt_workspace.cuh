@@ -183,11 +183,23 @@ size_t carve_plan(const BatchDesc& b, const Sizes& sz, void* base, PlanWorkspace
   return cv.used + kAlign;  // slack: the caller's pointer need not be 256-aligned
 }
 
+// Whether backward computes level k's (k >= 1) parent gradients dP_{k-1} in one pass
+// (parent_grad_kernel: no per-child buffer) rather than by digit, then reduced. One pass wins where
+// a child's share is cheap to recompute from an L1-resident slice (nk = q_k r_{k+1} <= 32) and a
+// parent has few children (B_k / B_{k-1} from the host bounds; a thread walks its parent's children
+// serially, nk multiply-adds each): the last level of a d = 3 table when the batch spreads its ids.
+bool fused_parent_grad(const TTDims& t, const Sizes& sz, int k) {
+  const int64_t nk = t.q[k] * t.r[k + 1];
+  const int64_t fanout = (sz.bound[k] + sz.bound[k - 1] - 1) / sz.bound[k - 1];
+  return nk <= 32 && nk * fanout <= 64;
+}
+
 size_t carve_grad(const TTDims& t, const Sizes& sz, void* base, GradWorkspace* ws) {
   GradWorkspace w{};
   Carver cv(base);
-  int64_t child = 1;  // dchild: max over k >= 1 of B_k * m_{k-1} * r_k
+  int64_t child = 1;  // dchild: max over the levels k >= 1 done by digit of B_k * m_{k-1} * r_k
   for (int k = 1; k < sz.d; ++k) {
+    if (fused_parent_grad(t, sz, k)) continue;
     const int64_t c = sz.bound[k] * sz.m[k - 1] * t.r[k];
     child = c > child ? c : child;
   }

@@ -93,6 +93,7 @@ SHAPES = [  # (d, p, q, ranks): odd D, mixed ranks, slices bigger than a block, 
     (3, [7, 5, 6], [4, 8, 2], [1, 24, 20, 1]),
     (4, [3, 4, 2, 5], [2, 1, 3, 2], [1, 3, 5, 2, 1]),
     (5, [2, 3, 2, 3, 2], [1, 2, 3, 1, 2], [1, 2, 3, 2, 3, 1]),
+    (3, [2, 40, 5], [2, 2, 2], [1, 3, 4, 1]),  # many children per parent: parent gradients by digit, then reduced
 ]
 CASES = [make_case(s) for s in range(40)] + [
     make_case(100 + i, d=d, p=p, q=q, ranks=r, n_bags=60, max_len=12) for i, (d, p, q, r) in enumerate(SHAPES)]

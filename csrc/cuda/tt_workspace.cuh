@@ -189,6 +189,7 @@ size_t carve_plan(const BatchDesc& b, const Sizes& sz, void* base, PlanWorkspace
 // parent has few children (B_k / B_{k-1} from the host bounds; a thread walks its parent's children
 // serially, nk multiply-adds each): the last level of a d = 3 table when the batch spreads its ids.
 bool fused_parent_grad(const TTDims& t, const Sizes& sz, int k) {
+  if (sz.bound[k - 1] <= 0) return false;  // empty batch (the launchers return before any level)
   const int64_t nk = t.q[k] * t.r[k + 1];
   const int64_t fanout = (sz.bound[k] + sz.bound[k - 1] - 1) / sz.bound[k - 1];
   return nk <= 32 && nk * fanout <= 64;

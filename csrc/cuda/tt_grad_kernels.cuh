@@ -271,6 +271,13 @@ __global__ void child_grad_warp_kernel(Plan pl, LevelArgs a, const T* __restrict
   }
 }
 
+// The children of node jp of level k - 1: level-k nodes [c0, c1) (contiguous node numbers).
+__device__ __forceinline__ void children_of(const Plan& pl, int k, int64_t jp, int& c0, int& c1) {
+  const int s = pl.first[k - 1][jp], e = pl.first[k - 1][jp + 1];
+  c0 = pl.incl[k][s] - 1;
+  c1 = pl.incl[k][e - 1];
+}
+
 // dP_{k-1}[jp] = sum of dchild over the children of jp (contiguous node numbers, summed in order:
 // deterministic). One thread per output element.
 __global__ void dprev_reduce_kernel(Plan pl, int k, const float* __restrict__ dchild, float* __restrict__ dprev,
@@ -280,8 +287,8 @@ __global__ void dprev_reduce_kernel(Plan pl, int k, const float* __restrict__ dc
   for (int64_t q = grid_start(); q < total; q += grid_stride()) {
     const int64_t jp = q / per_node;
     const int64_t r = q - jp * per_node;
-    const int s = pl.first[k - 1][jp], e = pl.first[k - 1][jp + 1];
-    const int c0 = pl.incl[k][s] - 1, c1 = pl.incl[k][e - 1];  // children [c0, c1)
+    int c0, c1;
+    children_of(pl, k, jp, c0, c1);
     float acc = 0.f;
     for (int j = c0; j < c1; ++j) acc += dchild[int64_t(j) * per_node + r];
     dprev[q] = acc;
@@ -307,8 +314,8 @@ __global__ void parent_grad_kernel(Plan pl, int k, int m_prev, int rk, int nk, c
     const int64_t jp = q / per_node;
     const int r = static_cast<int>(q - jp * per_node);
     const int am = r / rk, t = r - am * rk;  // lanes of a warp: consecutive t, mostly one am (dP_k broadcast)
-    const int s = pl.first[k - 1][jp], e = pl.first[k - 1][jp + 1];
-    const int c0 = pl.incl[k][s] - 1, c1 = pl.incl[k][e - 1];  // children [c0, c1)
+    int c0, c1;
+    children_of(pl, k, jp, c0, c1);
     float acc = 0.f;
     for (int j = c0; j < c1; ++j) {
       const float* drow = dp + (int64_t(j) * m_prev + am) * nk;

@@ -14,6 +14,10 @@ import sys
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from torchrec_tt.reference import tt_embedding_bag_reference
 
 sys.path.insert(0, os.path.dirname(__file__))
 from cuda_cases import CASES, SHAPES, WIDE, WIDE_IDS, OPS, fresh_state, random_cores  # noqa: E402
@@ -163,6 +167,57 @@ def test_half_cores_match_float32(emu, dtype, tol, plan_path):
                                    c["n_rows"], c["pooling"], c["include_last"], 0, "t")
         assert out.dtype == dtype
         close(out, ref, tol * max(1.0, float(ref.abs().max())))
+
+
+@st.composite
+def batches(draw):
+    """Random shapes (d = 2..4, slices up to 5 x 40 x 40) and batches: duplicates, empty bags, bags
+    longer than 64 ids (filled by the whole block in the one-block plan), weights, both id dtypes."""
+    d = draw(st.integers(2, 4))
+    p = [draw(st.integers(1, 7)) for _ in range(d)]
+    q = [draw(st.integers(1, 5)) for _ in range(d)]
+    ranks = [1] + [draw(st.integers(1, 40)) for _ in range(d - 1)] + [1]
+    n_rows = draw(st.integers(max(1, math.prod(p) // 2), math.prod(p)))
+    lengths = draw(st.lists(st.sampled_from([0, 1, 2, 3, 8, 70]), min_size=0, max_size=10))
+    ids = draw(st.lists(st.integers(0, n_rows - 1), min_size=sum(lengths), max_size=sum(lengths)))
+    include_last = draw(st.booleans())
+    starts = [sum(lengths[:b]) for b in range(len(lengths))]
+    offsets = starts + ([sum(lengths)] if include_last else [])
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2 ** 16)))
+    return dict(cores=[torch.randn(p[k], ranks[k], q[k], ranks[k + 1], generator=g, dtype=torch.float64)
+                       / math.sqrt(ranks[k + 1]) for k in range(d)],
+                ids=torch.tensor(ids, dtype=draw(st.sampled_from([torch.int32, torch.int64]))),
+                offsets=torch.tensor(offsets, dtype=torch.int64),
+                psw=torch.rand(len(ids), generator=g, dtype=torch.float64) + 0.5 if draw(st.booleans()) else None,
+                n_rows=n_rows, pooling=draw(st.sampled_from([0, 1])), include_last=include_last,
+                num_bags=len(lengths), dim=math.prod(q), path=draw(st.sampled_from(["1", "0"])))
+
+
+@settings(max_examples=80, deadline=None)
+@given(batches())
+def test_random_shapes_match_reference(emu, b):
+    """Forward, core and weight gradients against the pure-PyTorch reference (independent of both ops)."""
+    os.environ["TORCHREC_TT_CUDA_SMALL_PLAN"] = b["path"]
+    try:
+        cores, ids, offsets, psw = args(b)
+        out, plan, rec = emu_forward(emu, b)
+        weighted = psw is not None
+        grad = grad_of(b, 5, torch.float64)
+        grads, psw_grad = emu.backward(grad.float(), cores, [], ids, offsets, psw, b["n_rows"], b["pooling"] == 1,
+                                       b["include_last"], 0, 0.0, 0.0, weighted, plan, rec)
+    finally:
+        os.environ.pop("TORCHREC_TT_CUDA_SMALL_PLAN")
+    ref_in = [c.clone().requires_grad_() for c in b["cores"]]
+    ref_in += [b["psw"].clone().requires_grad_()] if weighted else []
+    ref = tt_embedding_bag_reference(ref_in[:len(cores)], b["ids"], b["offsets"], ref_in[-1] if weighted else None,
+                                     "mean" if b["pooling"] else "sum", b["include_last"])
+    close(out, ref, 1e-4)
+    if ref.requires_grad:  # a batch without ids: the reference is a constant, every gradient 0
+        want = torch.autograd.grad(ref, ref_in, grad, allow_unused=True)
+    else:
+        want = [None] * len(ref_in)
+    for g_got, g_want in zip(grads + ([psw_grad] if weighted else []), want):
+        close(g_got, torch.zeros_like(g_got) if g_want is None else g_want, 1e-4)
 
 
 # ---- bad input: validation records and the backward guard -----------------------------------------

@@ -159,6 +159,24 @@ def test_result_independent_of_thread_count():
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("others", [1000, 300])
+def test_parent_with_many_children_matches_reference(others):
+    """100 ids under one level-1 parent among `others` spread ids: that parent holds under 1/8 of the
+    last level's nodes (its thread sums its children's gradients) or over it (per-child products in
+    parallel, then summed per parent)."""
+    p, q, ranks = [4, 4, 300], [2, 1, 3], [1, 3, 4, 1]
+    cores = [c.requires_grad_() for c in random_cores(p, q, ranks, seed=others)]
+    g = torch.Generator().manual_seed(others)
+    ids = torch.cat([torch.randperm(300, generator=g)[:100], 300 + torch.randperm(4799 - 300, generator=g)[:others]])
+    offsets = torch.arange(0, ids.numel(), 3)
+    out = ops.tt_embedding_bag(cores, ids, offsets, num_embeddings=4800)
+    ref = tt_embedding_bag_reference(cores, ids, offsets)
+    torch.testing.assert_close(out, ref)
+    grad = torch.randn_like(out)
+    for got, want in zip(torch.autograd.grad(out, cores, grad), torch.autograd.grad(ref, cores, grad)):
+        torch.testing.assert_close(got, want)
+
+
 # ---- fused optimizers ----------------------------------------------------------------------------
 
 def rowwise_adagrad_step(cores, grads, states, lr, eps):

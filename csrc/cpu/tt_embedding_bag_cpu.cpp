@@ -149,10 +149,14 @@ void backward_impl(const TTShape& s, const TTPlan& plan, at::TensorList cores, c
     const T* core = cores[k].data_ptr<T>();
     const int64_t slice = s.slice_numel(k);
     // dP_{k-1}[parent] = sum over children of dP_k[child] @ G_k[digit]^T (reads core k: before its
-    // update). The touched slices are transposed once so the products vectorise along r_k. Where
-    // parents have few children, each parent accumulates its children's products in place; where
-    // some parent has many (skewed ids put most children under a few parents), the per-child
-    // products run in parallel over children, then a cheap per-parent sum.
+    // update). The touched slices are transposed once so the products vectorise along r_k. Each
+    // parent's thread accumulates its children's products in place, unless one parent holds so large
+    // a share of the level's children that its thread would hold up the level (skewed ids put most
+    // children under a few parents): then the per-child products run in parallel over children, and
+    // a cheap per-parent sum follows. The choice depends on the batch only, not on the thread count
+    // (the two sum in different orders). The per-child buffer (a write and a read of m_{k-1} x r_k
+    // values per child) made the Kaggle table's last level 2.5x slower at 2 threads (140 vs 56 us),
+    // so one thread taking up to 1/8 of a level's products should still win up to ~20 threads.
     const auto& start = plan.by_digit_start[k];
     const auto& order = plan.by_digit[k];
     T* core_t = scratch<T>(kCoreT, s.p[k] * slice);
@@ -170,7 +174,7 @@ void backward_impl(const TTShape& s, const TTPlan& plan, at::TensorList cores, c
     const auto child_product = [&](T* dst, int64_t j) {
       gemm_nn_acc(dst, d_cur + j * m * n, core_t + plan.digit[k][j] * slice, m, n, s.r[k]);
     };
-    if (fan_out <= kFusedFanOut) {  // few children per parent: each parent's thread sums its own
+    if (fan_out <= kFusedFanOut || fan_out * kFanOutShare <= plan.level_size(k)) {  // each parent's thread
       parallel_chunks(0, plan.level_size(k - 1), kNodeGrain, [&](int64_t lo, int64_t hi) {
         for (int64_t jp = lo; jp < hi; ++jp) {
           std::fill_n(d_prev + jp * block, block, T(0));

@@ -18,7 +18,8 @@ namespace torchrec_tt::cpu {
 constexpr int64_t kNodeGrain = 8;   // prefix-tree nodes: a small product each
 constexpr int64_t kRowGrain = 64;   // row gradients: a few sums each; fewer turns of the shared counter
 constexpr int64_t kBagGrain = 64;
-constexpr int64_t kFusedFanOut = 32;  // most children of one parent for per-parent gradient sums
+constexpr int64_t kFusedFanOut = 32;  // parents with up to this many children sum their own gradient,
+constexpr int64_t kFanOutShare = 8;   // ... or with up to 1/8 of the level's children
 constexpr int64_t kPrefetchAhead = 16;  // scattered cache rows are prefetched this many ids ahead
 
 // Scratch buffers reused across calls on the calling thread (worker threads only see pointers).

@@ -5,8 +5,11 @@ Why: most machines this project is built on have no GPU, and the CUDA tests (tes
 there. The emulator compiles the very kernel sources with g++ and runs each block as fibers that
 switch only at barriers and warp intrinsics, so indexing, synchronisation and determinism are
 checked everywhere; speed, the memory model and the torch glue (tt_embedding_bag_cuda.cpp) are not.
-The emulator's own checks come first: its intrinsics against CUDA's definitions, a missing barrier
-and a deadlock that it must expose.
+Arithmetic is g++'s IEEE float without contraction, not nvcc's --use_fast_math (FMA contraction,
+approximate division and sqrt, flush-to-zero), so comparisons with the CPU op are within tolerance
+and the bitwise checks are between emulated runs only. The emulator's own checks come first: its
+intrinsics against CUDA's definitions, a missing barrier, a deadlock and misused warp intrinsics that
+it must expose.
 """
 import math
 import os
@@ -102,14 +105,20 @@ def test_emulator_intrinsics_match_cuda_definitions(emu, threads):
         assert got[t].tolist() == expected, t
 
 
-def test_emulator_exposes_missing_barrier_and_deadlock(emu):
+def test_emulator_syncthreads_and_counts_only_threads_at_the_barrier(emu):
+    out, err = emu.selftest("and", 96, 1)
+    assert err == 0 and out[:64] == [1] * 64  # all of 64 passed 1; not all passed t != 5
+
+
+def test_emulator_exposes_missing_barrier_deadlock_and_misuse(emu):
     for seed in (1, 2):  # new values each run: stale shared memory from the last run cannot pass
         out, err = emu.selftest("reverse", 64, seed)
         assert err == 0 and out[:64] == [seed * 10000 + 63 - t for t in range(64)]
         out, err = emu.selftest("reverse_without_barrier", 64, seed)
         assert err == 0 and out[:64] != [seed * 10000 + 63 - t for t in range(64)]
-    _, err = emu.selftest("deadlock", 64, 1)
-    assert err != 0  # cudaErrorLaunchFailure, with a message on stderr
+    for misuse in ("deadlock", "mixed", "partial_mask"):
+        _, err = emu.selftest(misuse, 64, 1)
+        assert err != 0, misuse  # cudaErrorLaunchFailure, with a message on stderr
     out, err = emu.selftest("reverse", 64, 3)  # the error was reported once and cleared
     assert err == 0 and out[0] == 30063
 

@@ -16,7 +16,10 @@ namespace {
 constexpr int kWarp = 32;
 constexpr int kWarpBlock = 256;  // threads of the warp-per-item kernels (8 items per block)
 constexpr int kFlatBlock = 256;  // threads of the element-wise kernels
-constexpr int64_t kMaxGrid = int64_t(1) << 20;  // grid-stride loops cover the rest
+#ifndef TORCHREC_TT_MAX_GRID  // (the CPU emulator of tests/cuda_emu sets a small one: loops then take several turns)
+#define TORCHREC_TT_MAX_GRID (int64_t(1) << 20)
+#endif
+constexpr int64_t kMaxGrid = TORCHREC_TT_MAX_GRID;  // grid-stride loops cover the rest
 constexpr size_t kAlign = 256;
 
 // ---- small device helpers ------------------------------------------------------------------------

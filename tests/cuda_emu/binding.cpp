@@ -86,7 +86,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(std::vector<at::Tensor> c
   at::Tensor out = at::zeros({b.num_bags, d.embedding_dim}, cores[0].options());
   if (b.n == 0 || b.num_bags == 0) return {out, at::empty({0}, at::kByte), at::empty({0}, at::kLong)};
   const size_t bytes = kern::forward_workspace_bytes(d, b);
-  at::Tensor plan = at::empty({static_cast<int64_t>(bytes)}, at::kByte);
+  at::Tensor plan = at::full({static_cast<int64_t>(bytes)}, 0xff, at::kByte);  // as stale as a GPU's memory
   const bool validates = kern::forward_validates(d, b);
   at::Tensor rec = validates ? at::full({4}, -7, at::kLong) : at::empty({0}, at::kLong);
   out.fill_(std::numeric_limits<float>::quiet_NaN());  // every bag must be written
@@ -120,9 +120,9 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> backward(at::Tensor grad, std::v
   if (b.n == 0 || b.num_bags == 0) return {grads, pg};
   const size_t plan_bytes = kern::forward_workspace_bytes(d, b);
   const bool ready = plan.numel() > 0;
-  if (!ready) plan = at::empty({static_cast<int64_t>(plan_bytes)}, at::kByte);
+  if (!ready) plan = at::full({static_cast<int64_t>(plan_bytes)}, 0xff, at::kByte);
   const size_t bytes = kern::backward_workspace_bytes(d, b);
-  at::Tensor ws = at::empty({static_cast<int64_t>(bytes > 0 ? bytes : 1)}, at::kByte);
+  at::Tensor ws = at::full({static_cast<int64_t>(bytes > 0 ? bytes : 1)}, 0xff, at::kByte);
   kern::UpdateArgs u;
   u.opt = static_cast<kern::Optimizer>(optimizer);
   u.lr = static_cast<float>(lr);

@@ -1,10 +1,12 @@
 """Builds csrc/cuda's kernels for the CPU emulator (emu.h) as a torch extension.
 
-The sources are copied into a build folder with three mechanical rewrites that the emulator cannot
+The sources are copied into a build folder with four mechanical rewrites that the emulator cannot
 do with macros: kernel launches `k<<<grid, block, smem, stream>>>(args)` become
 `::emu::launch(::emu::LaunchCfg(grid, block, smem, stream), "k", k, args)`, `extern __shared__ T x[];`
-becomes a pointer to the block's dynamic shared memory, and the CUB / Thrust includes are dropped
-(emu_cub.h stands in). Everything else is compiled as it is, by g++.
+becomes a pointer to the block's dynamic shared memory, each static `__shared__` declaration is
+followed by a call that fills it with 0xff bytes once per block, and the CUB / Thrust includes are
+dropped (emu_cub.h stands in). Everything else is compiled as it is, by g++, with a grid cap of 3
+blocks (TORCHREC_TT_MAX_GRID) so that every grid-stride loop takes several turns.
 
     python tests/cuda_emu/build.py [--src csrc/cuda]   # prints the module's path
 """
@@ -32,9 +34,21 @@ def _launch(m: re.Match) -> str:
     return f'::emu::launch(::emu::LaunchCfg({cfg}), "{kernel}", {kernel}{comma}'
 
 
+_STATIC_SMEM = re.compile(r"(?<!extern )__shared__\s+([^;(){}]+);")
+
+
+def _poison(m: re.Match) -> str:
+    """A static __shared__ declaration, then a call that fills it with 0xff once per block."""
+    decl = m.group(1)
+    parts = [decl] if "<" in decl else decl.split(",")
+    names = [re.search(r"(\w+)\s*(?:\[[^\]]*\]\s*)*$", part.strip()).group(1) for part in parts]
+    return m.group(0) + "".join(f" ::emu::poison_once(&{n}, sizeof({n}));" for n in names)
+
+
 def rewrite(text: str) -> str:
     text = _LIBS.sub("", text)
     text = _DYN_SMEM.sub(r"\1* \2 = ::emu::dynamic_smem<\1>();", text)
+    text = _STATIC_SMEM.sub(_poison, text)
     return _LAUNCH.sub(_launch, text)
 
 
@@ -72,7 +86,7 @@ def build(src: Path = ROOT / "csrc" / "cuda", verbose: bool = False):
         name=f"tt_cuda_emu_{tag}",
         sources=[str(out / n) for n in ("binding.cpp", "kernels.cpp", "selftest.cpp")],
         extra_include_paths=[str(out), cuda_include()],
-        extra_cflags=["-O1", "-std=c++17", "-Wno-unknown-pragmas", "-Wno-attributes"],
+        extra_cflags=["-O1", "-std=c++17", "-Wno-unknown-pragmas", "-Wno-attributes", "-DTORCHREC_TT_MAX_GRID=3"],
         build_directory=str(out),
         verbose=verbose,
     )

@@ -51,10 +51,14 @@ constexpr int kWarp = 32;
 constexpr size_t kStackBytes = 256 * 1024;
 constexpr size_t kMaxDynamicSmem = 48 * 1024;  // without cudaFuncAttributeMaxDynamicSharedMemorySize
 
+// Which warp intrinsic an exchange is (all lanes of one exchange must call the same one).
+enum class WarpOp : int { kShfl, kShflUp, kShflXor, kBallot, kSyncwarp };
+
 struct WarpState {
   int arrived = 0;
   unsigned gen = 0;
-  uint64_t slot[2][kWarp];  // exchange values, double-buffered by generation parity
+  WarpOp op = WarpOp::kShfl;  // of the exchange under way (set by its first lane)
+  uint64_t slot[2][kWarp];    // exchange values, double-buffered by generation parity
 };
 
 struct Fiber {
@@ -76,10 +80,14 @@ struct Runtime {
   int live = 0;
   int bar_arrived = 0;
   unsigned bar_gen = 0;
-  int bar_count[2] = {0, 0};  // __syncthreads_count's sums, by generation parity
+  int bar_count[2] = {0, 0};   // __syncthreads_count's sums, by generation parity
+  int bar_called[2] = {0, 0};  // threads that reached that barrier (not counting exited ones)
   unsigned long progress = 0;
   uint3 tid{0, 0, 0};
   cudaError_t last_error = cudaSuccess;
+  const char* violation = nullptr;  // misuse seen during this launch (reported as a launch failure)
+  unsigned long long block_serial = 0;
+  std::vector<std::pair<const void*, unsigned long long>> poisoned;  // static __shared__: block last poisoned
 };
 
 inline Runtime& rt() {
@@ -88,7 +96,7 @@ inline Runtime& rt() {
 }
 
 // EMU_SCHEDULE: the order of blocks, and of threads in each round between synchronisation points:
-// "forward" (default), "reverse", or "shuffle" (a new random order every round, seeded).
+// "forward" (default), "reverse", or "shuffle" (a new random order every round, seeded by EMU_SEED).
 enum class Schedule { kForward, kReverse, kShuffle };
 inline Schedule schedule() {
   const char* v = std::getenv("EMU_SCHEDULE");
@@ -108,6 +116,11 @@ inline void order(std::vector<unsigned>& o, unsigned n, Schedule s, uint64_t& rn
   }
 }
 
+inline uint64_t seed() {
+  const char* v = std::getenv("EMU_SEED");
+  return v != nullptr ? std::strtoull(v, nullptr, 10) * 2 + 1 : 0x9e3779b97f4a7c15ull;
+}
+
 inline void yield() {
   Runtime& r = rt();
   swapcontext(&r.fibers[r.cur].ctx, &r.sched);
@@ -121,6 +134,7 @@ inline void release_barrier_if_complete() {
     r.bar_arrived = 0;
     ++r.bar_gen;
     r.bar_count[r.bar_gen & 1] = 0;
+    r.bar_called[r.bar_gen & 1] = 0;
   }
 }
 
@@ -129,6 +143,7 @@ inline int syncthreads(int pred = 0) {
   Runtime& r = rt();
   const unsigned gen = r.bar_gen;
   r.bar_count[gen & 1] += pred != 0;
+  ++r.bar_called[gen & 1];
   ++r.bar_arrived;
   ++r.progress;
   release_barrier_if_complete();
@@ -141,14 +156,22 @@ inline unsigned lanes_present(int warp) {
   return n >= kWarp ? 0xffffffffu : ((1u << n) - 1u);
 }
 
-// Deposits `bits` for this lane and waits for every lane of `mask` (those that exist); returns the
-// generation whose slots hold the exchanged values.
-inline unsigned warp_exchange(unsigned mask, uint64_t bits) {
+// Deposits `bits` for this lane and waits for every lane of the warp; returns the generation whose
+// slots hold the exchanged values. Only masks naming every lane of the warp are emulated (what
+// csrc/cuda uses); a partial mask, or lanes meeting at different intrinsics, is reported as misuse.
+inline unsigned warp_exchange(WarpOp op, unsigned mask, uint64_t bits) {
   Runtime& r = rt();
   const int t = r.cur, lane = t % kWarp;
   WarpState& w = r.warps[t / kWarp];
   const unsigned gen = w.gen;
-  const int expected = __builtin_popcount(mask & lanes_present(t / kWarp));
+  const unsigned present = lanes_present(t / kWarp);
+  if ((mask & present) != present) r.violation = "a warp intrinsic with a mask that leaves out lanes of the warp";
+  if (w.arrived == 0) {
+    w.op = op;
+  } else if (w.op != op) {
+    r.violation = "lanes of one warp met at different warp intrinsics";
+  }
+  const int expected = __builtin_popcount(present);
   w.slot[gen & 1][lane] = bits;
   ++r.progress;
   if (++w.arrived >= expected) {
@@ -169,11 +192,28 @@ inline uint64_t to_bits(V v) {
 
 template <typename V>
 inline V shuffle_from(unsigned gen, int src, V own) {
-  const Runtime& r = rt();
+  Runtime& r = rt();
   if (src < 0) return own;
+  if (((lanes_present(r.cur / kWarp) >> src) & 1u) == 0) r.violation = "a shuffle from a lane the block does not have";
   V v;
   std::memcpy(&v, &r.warps[r.cur / kWarp].slot[gen & 1][src], sizeof(V));
   return v;
+}
+
+// Fills a static __shared__ variable with 0xff bytes the first time a block reaches its declaration
+// (build.py adds the call), so a read before the block wrote it does not see the last block's data.
+inline void poison_once(const void* p, size_t n) {
+  Runtime& r = rt();
+  for (auto& e : r.poisoned) {
+    if (e.first != p) continue;
+    if (e.second != r.block_serial) {
+      e.second = r.block_serial;
+      std::memset(const_cast<void*>(p), 0xff, n);
+    }
+    return;
+  }
+  r.poisoned.emplace_back(p, r.block_serial);
+  std::memset(const_cast<void*>(p), 0xff, n);
 }
 
 template <typename T>
@@ -221,15 +261,17 @@ inline void run_grid(const LaunchCfg& c, const char* kernel, std::function<void(
     if (f.stack.size() < kStackBytes) f.stack.resize(kStackBytes);
   r.warps.assign((threads + kWarp - 1) / kWarp, WarpState{});
   const Schedule sched = schedule();
-  uint64_t rng = 0x9e3779b97f4a7c15ull;
+  uint64_t rng = seed();
   std::vector<unsigned> blocks, turn;
   order(blocks, c.grid.x, sched, rng);
   for (const unsigned b : blocks) {
     r.block_idx = uint3{b, 0, 0};
+    ++r.block_serial;
     r.dyn_smem.assign(c.smem, 0xff);
     r.live = static_cast<int>(threads);
     r.bar_arrived = 0;
     r.bar_count[0] = r.bar_count[1] = 0;
+    r.bar_called[0] = r.bar_called[1] = 0;
     for (auto& w : r.warps) w.arrived = 0;
     for (unsigned t = 0; t < threads; ++t) {
       Fiber& f = r.fibers[t];
@@ -258,6 +300,11 @@ inline void run_grid(const LaunchCfg& c, const char* kernel, std::function<void(
         return fail(cudaErrorLaunchFailure, kernel, why);
       }
     }
+    if (r.violation != nullptr) {
+      const char* why = r.violation;
+      r.violation = nullptr;
+      return fail(cudaErrorLaunchFailure, kernel, why);
+    }
   }
 }
 
@@ -280,33 +327,37 @@ void launch(const LaunchCfg& c, const char* name, void (*kernel)(P...), A&&... a
 inline void __syncthreads() { ::emu::syncthreads(); }
 inline int __syncthreads_count(int pred) { return ::emu::syncthreads(pred); }
 inline int __syncthreads_or(int pred) { return ::emu::syncthreads(pred) > 0; }
-inline int __syncthreads_and(int pred) { return ::emu::syncthreads(pred) == ::emu::rt().live; }
-inline void __syncwarp(unsigned mask = 0xffffffffu) { ::emu::warp_exchange(mask, 0); }
+inline int __syncthreads_and(int pred) {
+  const unsigned gen = ::emu::rt().bar_gen;
+  const int count = ::emu::syncthreads(pred);
+  return count == ::emu::rt().bar_called[gen & 1];
+}
+inline void __syncwarp(unsigned mask = 0xffffffffu) { ::emu::warp_exchange(::emu::WarpOp::kSyncwarp, mask, 0); }
 inline void __threadfence() {}
 
 template <typename V>
 inline V __shfl_sync(unsigned mask, V v, int src, int width = 32) {
   const int lane = ::emu::rt().cur % 32;
-  const unsigned g = ::emu::warp_exchange(mask, ::emu::to_bits(v));
+  const unsigned g = ::emu::warp_exchange(::emu::WarpOp::kShfl, mask, ::emu::to_bits(v));
   return ::emu::shuffle_from<V>(g, (lane & ~(width - 1)) + (src & (width - 1)), v);
 }
 template <typename V>
 inline V __shfl_up_sync(unsigned mask, V v, unsigned delta, int width = 32) {
   const int lane = ::emu::rt().cur % 32;
-  const unsigned g = ::emu::warp_exchange(mask, ::emu::to_bits(v));
+  const unsigned g = ::emu::warp_exchange(::emu::WarpOp::kShflUp, mask, ::emu::to_bits(v));
   const int src = lane - static_cast<int>(delta);
   return ::emu::shuffle_from<V>(g, src < (lane & ~(width - 1)) ? -1 : src, v);
 }
 template <typename V>
 inline V __shfl_xor_sync(unsigned mask, V v, int lane_mask, int width = 32) {
   const int lane = ::emu::rt().cur % 32;
-  const unsigned g = ::emu::warp_exchange(mask, ::emu::to_bits(v));
+  const unsigned g = ::emu::warp_exchange(::emu::WarpOp::kShflXor, mask, ::emu::to_bits(v));
   const int src = lane ^ lane_mask;
   return ::emu::shuffle_from<V>(g, src >= (lane & ~(width - 1)) + width ? -1 : src, v);
 }
 inline unsigned __ballot_sync(unsigned mask, int pred) {
   const int warp = ::emu::rt().cur / 32;
-  const unsigned g = ::emu::warp_exchange(mask, pred ? 1 : 0);
+  const unsigned g = ::emu::warp_exchange(::emu::WarpOp::kBallot, mask, pred ? 1 : 0);
   unsigned out = 0;
   const unsigned present = mask & ::emu::lanes_present(warp);
   for (int l = 0; l < 32; ++l)

@@ -1,11 +1,12 @@
 // The CUB and Thrust pieces csrc/cuda uses, for the CPU emulator (emu.h): the same contracts
-// (stable radix sorts on a bit range, block exchanges and scans, device scans over iterators),
-// computed plainly. Block collectives meet at the emulator's block barrier, as CUB's do.
+// (stable radix sorts on a bit range, block exchange, device scan over iterators), computed plainly.
+// Block collectives meet at the emulator's block barrier, as CUB's do.
 #pragma once
 
 #include <algorithm>
 #include <cstdint>
 #include <numeric>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -29,88 +30,78 @@ inline void require_block(int threads) {
 }
 }  // namespace emu_detail
 
+// Block collectives work in the caller's TempStorage (CUB's sizes: what the kernels' static_asserts
+// check) and end without a barrier, as CUB's do: a caller that reuses the storage without one first
+// reads what another thread is still writing.
 template <typename Key, int kBlock, int kItems, typename Value = NullType, int kRadixBits = 4, bool kMemoize = true,
           BlockScanAlgorithm = BLOCK_SCAN_WARP_SCANS>
 class BlockRadixSort {
+  static_assert(std::is_unsigned<Key>::value, "the stand-in sorts unsigned keys only (CUB flips signed / float keys)");
+  static constexpr int kN = kBlock * kItems;
+
  public:
   struct TempStorage {
-    unsigned char unused;
+    union {
+      Key keys[kN];
+      Value values[kN];
+    };
   };
-  explicit BlockRadixSort(TempStorage&) {}
+  explicit BlockRadixSort(TempStorage& s) : s_(s) {}
 
-  // Input blocked (thread t holds entries t * kItems + i), output striped (entry i * kBlock + t).
+  // Input blocked (thread t holds entries t * kItems + i), output striped (entry i * kBlock + t);
+  // stable. Keys, then values, pass through the storage; thread 0 sorts (its registers: `rank`).
   void SortBlockedToStriped(Key (&keys)[kItems], Value (&values)[kItems], int begin_bit = 0,
                             int end_bit = sizeof(Key) * 8) {
     emu_detail::require_block(kBlock);
-    static std::vector<std::pair<Key, Value>> buf(kBlock * kItems);
+    static std::vector<Key> k(kN);
+    static std::vector<Value> v(kN);
+    static std::vector<int> rank(kN);
     const int t = threadIdx.x;
-    for (int i = 0; i < kItems; ++i) buf[t * kItems + i] = {keys[i], values[i]};
+    for (int i = 0; i < kItems; ++i) s_.keys[t * kItems + i] = keys[i];
+    __syncthreads();
+    if (t == 0) std::copy(s_.keys, s_.keys + kN, k.begin());
+    __syncthreads();
+    for (int i = 0; i < kItems; ++i) s_.values[t * kItems + i] = values[i];
     __syncthreads();
     if (t == 0) {
-      std::stable_sort(buf.begin(), buf.end(), [&](const auto& a, const auto& b) {
-        return emu_detail::digit_bits(a.first, begin_bit, end_bit) < emu_detail::digit_bits(b.first, begin_bit, end_bit);
+      std::copy(s_.values, s_.values + kN, v.begin());
+      std::iota(rank.begin(), rank.end(), 0);
+      std::stable_sort(rank.begin(), rank.end(), [&](int a, int b) {
+        return emu_detail::digit_bits(k[a], begin_bit, end_bit) < emu_detail::digit_bits(k[b], begin_bit, end_bit);
       });
+      for (int i = 0; i < kN; ++i) s_.keys[i] = k[rank[i]];
     }
     __syncthreads();
-    for (int i = 0; i < kItems; ++i) {
-      keys[i] = buf[i * kBlock + t].first;
-      values[i] = buf[i * kBlock + t].second;
-    }
+    for (int i = 0; i < kItems; ++i) keys[i] = s_.keys[i * kBlock + t];
     __syncthreads();
+    if (t == 0)
+      for (int i = 0; i < kN; ++i) s_.values[i] = v[rank[i]];
+    __syncthreads();
+    for (int i = 0; i < kItems; ++i) values[i] = s_.values[i * kBlock + t];
   }
+
+ private:
+  TempStorage& s_;
 };
 
 template <typename T, int kBlock, int kItems, bool kWarpTimeSlicing = false>
 class BlockExchange {
  public:
   struct TempStorage {
-    unsigned char unused;
+    T items[kBlock * kItems];
   };
-  explicit BlockExchange(TempStorage&) {}
+  explicit BlockExchange(TempStorage& s) : s_(s) {}
 
-  template <typename U>
-  void StripedToBlocked(U (&items)[kItems]) {
+  void StripedToBlocked(T (&items)[kItems]) {
     emu_detail::require_block(kBlock);
-    static std::vector<U> buf(kBlock * kItems);
     const int t = threadIdx.x;
-    for (int i = 0; i < kItems; ++i) buf[i * kBlock + t] = items[i];
+    for (int i = 0; i < kItems; ++i) s_.items[i * kBlock + t] = items[i];
     __syncthreads();
-    for (int i = 0; i < kItems; ++i) items[i] = buf[t * kItems + i];
-    __syncthreads();
+    for (int i = 0; i < kItems; ++i) items[i] = s_.items[t * kItems + i];
   }
-};
 
-template <typename T, int kBlock, BlockScanAlgorithm = BLOCK_SCAN_RAKING>
-class BlockScan {
- public:
-  struct TempStorage {
-    unsigned char unused;
-  };
-  explicit BlockScan(TempStorage&) {}
-
-  template <typename Op>
-  void ExclusiveScan(T input, T& output, T initial, Op op, T& block_aggregate) {
-    emu_detail::require_block(kBlock);
-    static std::vector<T> in(kBlock), out(kBlock);
-    static T total;
-    const int t = threadIdx.x;
-    in[t] = input;
-    __syncthreads();
-    if (t == 0) {
-      T acc = initial;
-      for (int i = 0; i < kBlock; ++i) {
-        out[i] = acc;
-        acc = op(acc, in[i]);
-      }
-      T agg = in[0];
-      for (int i = 1; i < kBlock; ++i) agg = op(agg, in[i]);
-      total = agg;
-    }
-    __syncthreads();
-    output = out[t];
-    block_aggregate = total;
-    __syncthreads();
-  }
+ private:
+  TempStorage& s_;
 };
 
 struct DeviceRadixSort {
@@ -118,6 +109,7 @@ struct DeviceRadixSort {
   static cudaError_t SortPairs(void* temp, size_t& temp_bytes, const Key* keys_in, Key* keys_out,
                                const Value* values_in, Value* values_out, NumItems n, int begin_bit = 0,
                                int end_bit = sizeof(Key) * 8, cudaStream_t = nullptr) {
+    static_assert(std::is_unsigned<Key>::value, "the stand-in sorts unsigned keys only");
     if (temp == nullptr) {
       temp_bytes = 64;
       return cudaSuccess;

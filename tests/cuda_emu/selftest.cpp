@@ -1,5 +1,6 @@
 // Kernels that check the emulator itself (tests/test_cuda_emulated.py): that it reproduces CUDA's
-// warp intrinsics, and that a missing barrier or a deadlock shows instead of passing silently.
+// warp intrinsics and barrier reductions, and that a missing barrier, a deadlock or a misused warp
+// intrinsic shows instead of passing silently.
 #include "emu.h"
 
 #include <string>
@@ -39,6 +40,28 @@ __global__ void deadlock_kernel(int* out) {
   }
 }
 
+// __syncthreads_and over the threads that reach the barrier (the last warp exits first).
+__global__ void and_kernel(int* out) {
+  const int t = threadIdx.x;
+  if (t >= static_cast<int>(blockDim.x) - 32) return;
+  out[t] = __syncthreads_and(1) + 2 * __syncthreads_and(t != 5);
+}
+
+// Misuse the emulator must report (undefined on a GPU): lanes of one warp at different intrinsics,
+// and a mask that leaves out lanes of the warp.
+__global__ void mixed_kernel(int* out) {
+  const int t = threadIdx.x;
+  if (t % 32 < 16) {
+    out[t] = static_cast<int>(__ballot_sync(0xffffffffu, 1));
+  } else {
+    out[t] = __shfl_sync(0xffffffffu, t, 0);
+  }
+}
+__global__ void partial_mask_kernel(int* out) {
+  const int t = threadIdx.x;
+  out[t] = __shfl_sync(t % 32 < 16 ? 0x0000ffffu : 0xffff0000u, t, 3);
+}
+
 }  // namespace
 
 // Runs one self-test kernel on `threads` threads (one block), input seed * 10000 + t; returns its
@@ -52,6 +75,12 @@ std::pair<std::vector<int>, int> emu_selftest(const std::string& name, int threa
     reverse_kernel<false><<<1, threads>>>(in.data(), out.data());
   } else if (name == "intrinsics") {
     intrinsics_kernel<<<1, threads>>>(out.data());
+  } else if (name == "and") {
+    and_kernel<<<1, threads>>>(out.data());
+  } else if (name == "mixed") {
+    mixed_kernel<<<1, threads>>>(out.data());
+  } else if (name == "partial_mask") {
+    partial_mask_kernel<<<1, threads>>>(out.data());
   } else if (name == "deadlock") {
     deadlock_kernel<<<1, threads>>>(out.data());
   }

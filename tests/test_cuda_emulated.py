@@ -331,11 +331,12 @@ def test_one_block_plan_equals_general_plan(emu, n, n_rows, bags, monkeypatch):
 
 @pytest.mark.parametrize("c", [WIDE[2], WIDE[3], batch(3000, 50_000, 300, 5)], ids=["hot_ids", "warp", "batch"])
 def test_block_and_thread_order_do_not_change_results(emu, c, monkeypatch):
-    """Blocks and threads run in reverse and in random order (EMU_SCHEDULE): no result may depend on
-    the order in which blocks run or threads reach a barrier (no float atomics, no races)."""
+    """Blocks and threads run in reverse and in two random orders (EMU_SCHEDULE, EMU_SEED): no result
+    may depend on the order in which blocks run or threads reach a barrier (no float atomics, no races)."""
     results = []
-    for schedule in ("forward", "reverse", "shuffle"):
+    for schedule, seed in (("forward", "0"), ("reverse", "0"), ("shuffle", "1"), ("shuffle", "2")):
         monkeypatch.setenv("EMU_SCHEDULE", schedule)
+        monkeypatch.setenv("EMU_SEED", seed)
         results.append(step_outputs(emu, c))
     for other in results[1:]:
         for a, b in zip(results[0], other):

@@ -342,3 +342,27 @@ def test_block_and_thread_order_do_not_change_results(emu, c, monkeypatch):
         for a, b in zip(results[0], other):
             assert torch.equal(a, b)
     assert math.isfinite(float(results[0][0].abs().sum()))
+
+
+@pytest.mark.parametrize("config", ["a", "b"])
+def test_benchmark_configs_match_cpu(emu, config, monkeypatch):
+    """The GPU benchmark's own batches and tables (examples/benchmark_tt_embedding_cuda.py: (a) the
+    Kaggle table, (b) the reference code's configuration), one fused-SGD step on the one-block plan
+    they take: the kernel paths the timed figures come from."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
+    import benchmark_tt_embedding_cuda as bench
+    cfg = bench.CONFIGS[config]
+    ids, offsets = bench.make_batch(cfg, "cpu")
+    ranks = [1] + [cfg["rank"]] * (len(cfg["p"]) - 1) + [1]
+    c = dict(cores=random_cores(cfg["p"], cfg["q"], ranks, 0, torch.float32), ids=ids, offsets=offsets, psw=None,
+             n_rows=cfg["num_rows"], pooling=0, include_last=False, num_bags=offsets.numel(), dim=cfg["dim"])
+    monkeypatch.setenv("TORCHREC_TT_CUDA_SMALL_PLAN", "1")
+    grad = grad_of(c, 1)
+    emu_cores = [x.clone() for x in c["cores"]]
+    out = emu_fused_step(emu, c, "sgd", emu_cores, [], grad, lr=0.05)
+    cpu_cores = [x.clone() for x in c["cores"]]
+    close(out, OPS.tt_embedding_bag(cpu_cores, ids, offsets, None, cfg["num_rows"], 0, False, 0, "t"), 1e-5)
+    cpu_fused_step(c, "sgd", cpu_cores, [], grad, lr=0.05)
+    for a, b in zip(emu_cores, cpu_cores):
+        close(a, b, 1e-5)
+

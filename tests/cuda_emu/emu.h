@@ -1,8 +1,9 @@
 // A CPU emulator of the CUDA features csrc/cuda uses, for testing the kernels on machines without a
 // GPU (tests/test_cuda_emulated.py). Not a performance model: it checks indexing, synchronisation and
-// determinism. Force-included (g++ -include) in front of csrc/cuda's sources after build.py has
-// rewritten their launches (`k<<<g, b, s, st>>>(args)` -> `::emu::launch(...)`) and dynamic shared
-// memory (`extern __shared__ T x[];` -> `T* x = ::emu::dynamic_smem<T>();`).
+// determinism. Included (kernels.cpp) in front of csrc/cuda's sources after build.py has rewritten
+// their launches (`k<<<g, b, s, st>>>(args)` -> `::emu::launch(...)`), dynamic shared memory
+// (`extern __shared__ T x[];` -> `T* x = ::emu::dynamic_smem<T>();`) and static shared memory (a
+// poison_once call after each declaration).
 //
 // Each block runs as blockDim.x fibers (ucontext) on the calling thread, one block after another.
 // A fiber runs until it reaches a synchronisation point (__syncthreads, a *_sync warp intrinsic,
@@ -10,10 +11,11 @@
 // interleaving. EMU_SCHEDULE=reverse / shuffle runs blocks and threads in reverse / random order:
 // a kernel whose result depends on the order of blocks, or of threads between barriers, gives
 // different answers.
-// __shared__ variables are function-local statics (blocks run one at a time); dynamic shared memory
-// is refilled with 0xff bytes (NaN floats, -1 ints) for every block. A deadlock (threads waiting at
-// different barriers, a warp intrinsic with exited lanes) stops the launch and is reported by
-// cudaGetLastError as cudaErrorLaunchFailure, with a message on stderr.
+// __shared__ variables are function-local statics (blocks run one at a time); they and dynamic
+// shared memory are filled with 0xff bytes (NaN floats, -1 ints) for every block. A deadlock (threads
+// waiting at different barriers, a warp intrinsic with exited lanes) or misuse (lanes of a warp at
+// different intrinsics, a mask leaving out lanes) stops the launch and is reported by cudaGetLastError
+// as cudaErrorLaunchFailure, with a message on stderr. What it cannot see: README.md.
 #pragma once
 
 #include <cuda_bf16.h>

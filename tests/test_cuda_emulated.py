@@ -229,6 +229,24 @@ def test_random_shapes_match_reference(emu, b):
         close(g_got, torch.zeros_like(g_got) if g_want is None else g_want, 1e-4)
 
 
+@settings(max_examples=40, deadline=None)
+@given(batches(), st.sampled_from(sorted(OPTIMIZERS)))
+def test_random_shapes_fused_step_matches_cpu(emu, b, name):
+    """A fused training step (forward's plan handed to backward) against the CPU op's. Optimizer state
+    starts at >= 0.5: a tiny Adagrad accumulator turns float noise in a gradient into a large change of
+    the step (lr g / sqrt(state + g^2)), which would test conditioning, not the kernels."""
+    os.environ["TORCHREC_TT_CUDA_SMALL_PLAN"] = b["path"]
+    try:
+        emu_cores, emu_state = [x.float() for x in b["cores"]], [x + 0.5 for x in fresh_state(name, b["cores"], 3)]
+        emu_fused_step(emu, b, name, emu_cores, emu_state, grad_of(b, 2))
+    finally:
+        os.environ.pop("TORCHREC_TT_CUDA_SMALL_PLAN")
+    cpu_cores, cpu_state = [x.float() for x in b["cores"]], [x + 0.5 for x in fresh_state(name, b["cores"], 3)]
+    cpu_fused_step(b, name, cpu_cores, cpu_state, grad_of(b, 2))
+    for a, c in zip(emu_cores + emu_state, cpu_cores + cpu_state):
+        close(a, c, 1e-4)
+
+
 # ---- bad input: validation records and the backward guard -----------------------------------------
 
 def small_case(ids, offsets, psw=None, include_last=False, n_rows=60):

@@ -15,11 +15,19 @@ cuda_only = pytest.mark.skipif(DEV != "cuda", reason="CUDA-specific behaviour")
 OPS = torch.ops.torchrec_tt
 
 
-@pytest.fixture(autouse=True, params=["one_block_plan", "general_plan"])
+PLAN_PATHS = {"one_block_plan": "1", "general_plan": "0"}  # -> TORCHREC_TT_CUDA_SMALL_PLAN
+
+
+def set_plan_path(monkeypatch, path):
+    """Batches of up to 11,264 ids take the one-block plan kernels unless TORCHREC_TT_CUDA_SMALL_PLAN=0
+    (read by the launchers at each call)."""
+    monkeypatch.setenv("TORCHREC_TT_CUDA_SMALL_PLAN", PLAN_PATHS[path])
+
+
+@pytest.fixture(autouse=True, params=sorted(PLAN_PATHS))
 def plan_path(request, monkeypatch):
-    """Every test on both plan paths: batches of up to 11,264 ids take the one-block plan kernels
-    unless TORCHREC_TT_CUDA_SMALL_PLAN=0 (read by the op at each call)."""
-    monkeypatch.setenv("TORCHREC_TT_CUDA_SMALL_PLAN", "1" if request.param == "one_block_plan" else "0")
+    """Every test on both plan paths."""
+    set_plan_path(monkeypatch, request.param)
     return request.param
 
 

@@ -23,7 +23,8 @@ from hypothesis import strategies as st
 from torchrec_tt.reference import tt_embedding_bag_reference
 
 sys.path.insert(0, os.path.dirname(__file__))
-from cuda_cases import CASES, SHAPES, WIDE, WIDE_IDS, OPS, fresh_state, random_cores  # noqa: E402
+from cuda_cases import (CASES, OPS, PLAN_PATHS, SHAPES, WIDE, WIDE_IDS, close, fresh_state,  # noqa: E402
+                        random_cores, set_plan_path)
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "cuda_emu"))
 import build as emu_build  # noqa: E402
@@ -33,6 +34,7 @@ NO_PLAN = torch.empty(0, dtype=torch.uint8)
 NO_RECORD = torch.empty(0, dtype=torch.long)
 ERR_NONE = -1  # kNoErrorKey as int64
 ERR_OFFSETS_START, ERR_OFFSETS_DECREASING, ERR_LAST_OFFSET, ERR_WEIGHT, ERR_ID = 1, 2, 3, 4, 5
+ALL_CASES, ALL_CASE_IDS = CASES + WIDE, [f"case{i}" for i in range(len(CASES))] + WIDE_IDS
 
 
 @pytest.fixture(scope="module")
@@ -46,10 +48,10 @@ def emu():
     return emu_build.build()
 
 
-@pytest.fixture(params=["one_block_plan", "general_plan"])
+@pytest.fixture(params=sorted(PLAN_PATHS))
 def plan_path(request, monkeypatch):
-    """Both plan paths (TORCHREC_TT_CUDA_SMALL_PLAN is read by the launchers at each call)."""
-    monkeypatch.setenv("TORCHREC_TT_CUDA_SMALL_PLAN", "1" if request.param == "one_block_plan" else "0")
+    """Both plan paths, for the tests that ask (cuda_cases' fixture of that name applies to every test)."""
+    set_plan_path(monkeypatch, request.param)
     return request.param
 
 
@@ -84,10 +86,6 @@ def cpu_fused_step(c, name, cores, state, grad, lr=0.05, eps=1e-6):
     _, ids, _, psw = args(c, cores[0].dtype)
     OPS.tt_embedding_bag_backward_fused_(grad, cores, state, ids, c["offsets"], psw, c["n_rows"], c["pooling"],
                                          c["include_last"], name, lr, eps, "t")
-
-
-def close(a, b, tol):
-    torch.testing.assert_close(a.double(), b.double(), rtol=tol, atol=tol)
 
 
 # ---- the emulator itself ------------------------------------------------------------------------
@@ -125,7 +123,7 @@ def test_emulator_exposes_missing_barrier_deadlock_and_misuse(emu):
 
 # ---- against the CPU op -------------------------------------------------------------------------
 
-@pytest.mark.parametrize("c", CASES + WIDE, ids=[f"case{i}" for i in range(len(CASES))] + WIDE_IDS)
+@pytest.mark.parametrize("c", ALL_CASES, ids=ALL_CASE_IDS)
 def test_forward_matches_cpu(emu, c, plan_path):
     cores, ids, _, psw = args(c)
     out, _, rec = emu_forward(emu, c)
@@ -136,7 +134,7 @@ def test_forward_matches_cpu(emu, c, plan_path):
 
 
 @pytest.mark.parametrize("with_forward_plan", [True, False])
-@pytest.mark.parametrize("c", CASES + WIDE, ids=[f"case{i}" for i in range(len(CASES))] + WIDE_IDS)
+@pytest.mark.parametrize("c", ALL_CASES, ids=ALL_CASE_IDS)
 def test_dense_backward_matches_cpu(emu, c, with_forward_plan, plan_path):
     cores, ids, offsets, psw = args(c)
     grad = grad_of(c)
@@ -199,23 +197,21 @@ def batches(draw):
                 offsets=torch.tensor(offsets, dtype=torch.int64),
                 psw=torch.rand(len(ids), generator=g, dtype=torch.float64) + 0.5 if draw(st.booleans()) else None,
                 n_rows=n_rows, pooling=draw(st.sampled_from([0, 1])), include_last=include_last,
-                num_bags=len(lengths), dim=math.prod(q), path=draw(st.sampled_from(["1", "0"])))
+                num_bags=len(lengths), dim=math.prod(q), path=draw(st.sampled_from(sorted(PLAN_PATHS))))
 
 
 @settings(max_examples=80, deadline=None)
 @given(batches())
 def test_random_shapes_match_reference(emu, b):
     """Forward, core and weight gradients against the pure-PyTorch reference (independent of both ops)."""
-    os.environ["TORCHREC_TT_CUDA_SMALL_PLAN"] = b["path"]
-    try:
+    with pytest.MonkeyPatch.context() as mp:  # (hypothesis reruns the test body: no function-scoped fixture)
+        set_plan_path(mp, b["path"])
         cores, ids, offsets, psw = args(b)
         out, plan, rec = emu_forward(emu, b)
         weighted = psw is not None
         grad = grad_of(b, 5, torch.float64)
         grads, psw_grad = emu.backward(grad.float(), cores, [], ids, offsets, psw, b["n_rows"], b["pooling"] == 1,
                                        b["include_last"], 0, 0.0, 0.0, weighted, plan, rec)
-    finally:
-        os.environ.pop("TORCHREC_TT_CUDA_SMALL_PLAN")
     ref_in = [c.clone().requires_grad_() for c in b["cores"]]
     ref_in += [b["psw"].clone().requires_grad_()] if weighted else []
     ref = tt_embedding_bag_reference(ref_in[:len(cores)], b["ids"], b["offsets"], ref_in[-1] if weighted else None,
@@ -235,12 +231,10 @@ def test_random_shapes_fused_step_matches_cpu(emu, b, name):
     """A fused training step (forward's plan handed to backward) against the CPU op's. Optimizer state
     starts at >= 0.5: a tiny Adagrad accumulator turns float noise in a gradient into a large change of
     the step (lr g / sqrt(state + g^2)), which would test conditioning, not the kernels."""
-    os.environ["TORCHREC_TT_CUDA_SMALL_PLAN"] = b["path"]
-    try:
+    with pytest.MonkeyPatch.context() as mp:
+        set_plan_path(mp, b["path"])
         emu_cores, emu_state = [x.float() for x in b["cores"]], [x + 0.5 for x in fresh_state(name, b["cores"], 3)]
         emu_fused_step(emu, b, name, emu_cores, emu_state, grad_of(b, 2))
-    finally:
-        os.environ.pop("TORCHREC_TT_CUDA_SMALL_PLAN")
     cpu_cores, cpu_state = [x.float() for x in b["cores"]], [x + 0.5 for x in fresh_state(name, b["cores"], 3)]
     cpu_fused_step(b, name, cpu_cores, cpu_state, grad_of(b, 2))
     for a, c in zip(emu_cores + emu_state, cpu_cores + cpu_state):
@@ -339,11 +333,11 @@ def step_outputs(emu, c):
 def test_one_block_plan_equals_general_plan(emu, n, n_rows, bags, monkeypatch):
     """At the one-block capacity too, and with N = 2^k - 1 (the sentinel key has every bit set)."""
     c = batch(n, n_rows, bags, n)
-    results = {}
-    for path in ("1", "0"):
-        monkeypatch.setenv("TORCHREC_TT_CUDA_SMALL_PLAN", path)
-        results[path] = step_outputs(emu, c)
-    for a, b in zip(results["1"], results["0"]):
+    results = []
+    for path in sorted(PLAN_PATHS):
+        set_plan_path(monkeypatch, path)
+        results.append(step_outputs(emu, c))
+    for a, b in zip(*results):
         assert torch.equal(a, b)
 
 
@@ -374,7 +368,7 @@ def test_benchmark_configs_match_cpu(emu, config, monkeypatch):
     ranks = [1] + [cfg["rank"]] * (len(cfg["p"]) - 1) + [1]
     c = dict(cores=random_cores(cfg["p"], cfg["q"], ranks, 0, torch.float32), ids=ids, offsets=offsets, psw=None,
              n_rows=cfg["num_rows"], pooling=0, include_last=False, num_bags=offsets.numel(), dim=cfg["dim"])
-    monkeypatch.setenv("TORCHREC_TT_CUDA_SMALL_PLAN", "1")
+    set_plan_path(monkeypatch, "one_block_plan")
     grad = grad_of(c, 1)
     emu_cores = [x.clone() for x in c["cores"]]
     out = emu_fused_step(emu, c, "sgd", emu_cores, [], grad, lr=0.05)

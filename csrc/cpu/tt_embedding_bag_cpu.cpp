@@ -174,7 +174,7 @@ void backward_impl(const TTShape& s, const TTPlan& plan, at::TensorList cores, c
     const auto child_product = [&](T* dst, int64_t j) {
       gemm_nn_acc(dst, d_cur + j * m * n, core_t + plan.digit[k][j] * slice, m, n, s.r[k]);
     };
-    if (fan_out <= kFusedFanOut || fan_out * kFanOutShare <= plan.level_size(k)) {  // each parent's thread
+    if (fan_out <= kFusedFanOut || fan_out * kFanOutShare <= plan.level_size(k)) {  // sums per parent
       parallel_chunks(0, plan.level_size(k - 1), kNodeGrain, [&](int64_t lo, int64_t hi) {
         for (int64_t jp = lo; jp < hi; ++jp) {
           std::fill_n(d_prev + jp * block, block, T(0));

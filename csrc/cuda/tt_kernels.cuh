@@ -29,11 +29,11 @@
 //      thread, or a warp per node where the reduction is long and the rank wide), after which
 //      dP_{k-1}[parent] sums its children's shares in node order (levels with short slices and few
 //      children per parent: one pass per parent instead, each share recomputed, same operations in the
-//      same order); then (b) sums
-//      dG_k[v] = sum_j P_{k-1}[parent_j]^T @ dP_k[j] in node order (E rows of one column per thread in
-//      registers; spare thread groups split the nodes, partial tiles added in split order). No
-//      floating-point atomics anywhere: results are bitwise reproducible. Fused mode applies the
-//      optimizer to each touched slice in (b), which runs after (a), the last read of core k.
+//      same order); then (b) sums dG_k[v] = sum_j P_{k-1}[parent_j]^T @ dP_k[j] in node order (E rows
+//      of one column per thread in registers; spare thread groups split the nodes, partial tiles added
+//      in split order). No floating-point atomics anywhere: results are bitwise reproducible. Fused
+//      mode applies the optimizer to each touched slice in (b), which runs after (a), the last read of
+//      core k.
 #pragma once
 
 #include <cuda_bf16.h>

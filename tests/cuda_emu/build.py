@@ -11,6 +11,7 @@ blocks (TORCHREC_TT_MAX_GRID) so that every grid-stride loop takes several turns
     python tests/cuda_emu/build.py [--src csrc/cuda]   # prints the module's path
 """
 import argparse
+import functools
 import hashlib
 import os
 import re
@@ -52,6 +53,7 @@ def rewrite(text: str) -> str:
     return _LAUNCH.sub(_launch, text)
 
 
+@functools.lru_cache(maxsize=None)
 def cuda_include() -> str:
     """The folder of cuda_runtime.h: CUDA_HOME, torch's guess, /usr/local/cuda, or where nvcc looks."""
     from torch.utils.cpp_extension import CUDA_HOME

@@ -77,7 +77,6 @@ struct Runtime {
   std::vector<unsigned char> dyn_smem;
   ucontext_t sched;
   std::function<void()> body;
-  const char* kernel = "";
   int cur = 0;
   int live = 0;
   int bar_arrived = 0;
@@ -254,7 +253,7 @@ inline void run_grid(const LaunchCfg& c, const char* kernel, std::function<void(
   if (threads == 0 || threads > 1024 || c.grid.x == 0)
     return fail(cudaErrorInvalidConfiguration, kernel, "block of 0 or > 1024 threads, or empty grid");
   if (c.smem > kMaxDynamicSmem) return fail(cudaErrorInvalidValue, kernel, "dynamic shared memory over 48 KiB");
-  r.kernel = kernel;
+  r.violation = nullptr;  // (a deadlocked launch may have left one)
   r.block_dim = c.block;
   r.grid_dim = c.grid;
   r.body = std::move(body);

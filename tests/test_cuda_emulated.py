@@ -13,6 +13,7 @@ it must expose.
 """
 import math
 import os
+import subprocess
 import sys
 
 import pytest
@@ -119,6 +120,16 @@ def test_emulator_exposes_missing_barrier_deadlock_and_misuse(emu):
         assert err != 0, misuse  # cudaErrorLaunchFailure, with a message on stderr
     out, err = emu.selftest("reverse", 64, 3)  # the error was reported once and cleared
     assert err == 0 and out[0] == 30063
+
+
+def test_emulator_aborts_on_a_misaligned_vector_load(emu):
+    """A misaligned float4 faults on a GPU; the emulator (-fsanitize=alignment) must not read it."""
+    code = ("import sys; sys.path.insert(0, %r); import build; "
+            "build.build().selftest('misaligned', 32, 1)" % os.path.join(os.path.dirname(__file__), "cuda_emu"))
+    env = {k: v for k, v in os.environ.items() if k != "UBSAN_OPTIONS"}  # the report on stderr
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode != 0
+    assert "misaligned address" in r.stderr and "float4" in r.stderr, r.stderr[-2000:]
 
 
 # ---- against the CPU op -------------------------------------------------------------------------

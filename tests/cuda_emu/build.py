@@ -77,6 +77,7 @@ def build(src: Path = ROOT / "csrc" / "cuda", verbose: bool = False):
     for f in files + ours:
         digest.update(f.name.encode())
         digest.update(f.read_bytes())
+    digest.update(Path(__file__).read_bytes())  # the flags below
     tag = digest.hexdigest()[:12]
     out = ROOT / "build" / f"cuda_emu_{tag}"
     out.mkdir(parents=True, exist_ok=True)
@@ -88,7 +89,12 @@ def build(src: Path = ROOT / "csrc" / "cuda", verbose: bool = False):
         name=f"tt_cuda_emu_{tag}",
         sources=[str(out / n) for n in ("binding.cpp", "kernels.cpp", "selftest.cpp")],
         extra_include_paths=[str(out), cuda_include()],
-        extra_cflags=["-O1", "-std=c++17", "-Wno-unknown-pragmas", "-Wno-attributes", "-DTORCHREC_TT_MAX_GRID=3"],
+        # -fsanitize=alignment: a misaligned float4 (or any) access aborts, naming the line, as a GPU
+        # would fault; x86 itself would read it silently. Under pytest the report dies with the
+        # captured stderr: run with -s, or UBSAN_OPTIONS=log_path=... set before Python starts (.ci/run).
+        extra_cflags=["-O1", "-std=c++17", "-Wno-unknown-pragmas", "-Wno-attributes", "-DTORCHREC_TT_MAX_GRID=3",
+                      "-fsanitize=alignment", "-fno-sanitize-recover=alignment"],
+        extra_ldflags=["-fsanitize=alignment"],
         build_directory=str(out),
         verbose=verbose,
     )

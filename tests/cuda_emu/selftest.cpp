@@ -62,6 +62,17 @@ __global__ void partial_mask_kernel(int* out) {
   out[t] = __shfl_sync(t % 32 < 16 ? 0x0000ffffu : 0xffff0000u, t, 3);
 }
 
+// A float4 load one float past an aligned address: a GPU faults (misaligned address); the emulator,
+// built with -fsanitize=alignment, must abort rather than read it as x86 would.
+__global__ void misaligned_kernel(const int* in, int* out) {
+  __shared__ float4 buf[2];
+  const int t = threadIdx.x;
+  if (t < 8) reinterpret_cast<float*>(buf)[t] = static_cast<float>(in[t]);
+  __syncthreads();
+  const float4 v = *reinterpret_cast<const float4*>(reinterpret_cast<const float*>(buf) + 1);
+  out[t] = static_cast<int>(v.x);
+}
+
 }  // namespace
 
 // Runs one self-test kernel on `threads` threads (one block), input seed * 10000 + t; returns its
@@ -81,6 +92,8 @@ std::pair<std::vector<int>, int> emu_selftest(const std::string& name, int threa
     mixed_kernel<<<1, threads>>>(out.data());
   } else if (name == "partial_mask") {
     partial_mask_kernel<<<1, threads>>>(out.data());
+  } else if (name == "misaligned") {
+    misaligned_kernel<<<1, threads>>>(in.data(), out.data());
   } else if (name == "deadlock") {
     deadlock_kernel<<<1, threads>>>(out.data());
   }

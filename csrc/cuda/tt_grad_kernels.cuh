@@ -113,6 +113,10 @@ struct LevelArgs {
 // rounded up to an odd number, so lanes that read the same column of different rows hit distinct banks.
 __host__ __device__ __forceinline__ int odd_stride(int len) { return len | 1; }
 
+// Row stride of rows read as float4 where lanes take different rows: a multiple of 4 floats and an odd
+// number of float4s, so the 8 lanes of one 128-bit shared-memory phase hit 8 distinct groups of banks.
+__host__ __device__ __forceinline__ int quad_stride(int len) { return 4 * (((len + 3) / 4) | 1); }
+
 constexpr int kNodeChunk = 256;  // most node numbers a block stages in shared memory at a time
 
 // Stages node numbers [o0, o0 + cn) of `order` (and their parents at level k > 0) in shared memory.
@@ -219,52 +223,60 @@ __global__ void child_grad_kernel(Plan pl, LevelArgs a, int chunk, const T* __re
   }
 }
 
-// child_grad_kernel for levels with a long reduction (nk >= 32) and wide ranks (rk >= 16), where its
-// 4 x 4 tiles leave most threads idle (config (b), level 1: 8 tiles per node, 88 per 256 threads).
-// One block per digit stages the slice transposed (nk rows of rk, odd stride); each warp takes one
-// node at a time, lane l computing columns t = l, l + 32, ... of up to 4 rows: per c, the 4 dP_k
-// values are broadcast loads (same address in every lane) and the slice value a conflict-free
-// shared load. Each output is summed over c in ascending order, as in child_grad_kernel.
+// child_grad_kernel for levels with a long reduction (nk >= 32, a multiple of 4) and wide ranks
+// (rk >= 16), where its 4 x 4 tiles leave most threads idle (config (b), level 1: 8 tiles per node, 88
+// per 256 threads). One block per digit stages the slice (rows of quad_stride(nk) floats); each group
+// of `width` lanes (16 for rk <= 16, else 32) takes one node at a time, lane l computing columns
+// t = l, l + width, ... of up to 4 rows. The loads come four c at a time as float4: per 4 c, one
+// conflict-free shared load of the slice row and 4 broadcast loads of dP_k feed 16 FMAs (scalar loads
+// would issue 5 loads per 4 FMAs, leaving the load/store unit the bottleneck). Each output is still
+// summed over c in ascending order, as in child_grad_kernel.
 constexpr int kChildRows = 4;
 
 template <typename T>
 __global__ void child_grad_warp_kernel(Plan pl, LevelArgs a, const T* __restrict__ core, float* __restrict__ dchild) {
-  extern __shared__ float g_t[];
+  extern __shared__ float4 g_s4[];
+  float* g_s = reinterpret_cast<float*>(g_s4);
   const int v = blockIdx.x;
   const int s = a.seg_start[v], e = a.seg_end[v];
   if (s >= e) return;  // block-uniform
-  const int nk = a.nk, rk = a.rk, ld = odd_stride(rk);
+  const int nk = a.nk, rk = a.rk, ld = quad_stride(nk);
   const T* G = core + int64_t(v) * rk * nk;
-  for (int x = threadIdx.x; x < rk * nk; x += blockDim.x) {  // G[t][c] -> g_t[c][t], coalesced reads
+  for (int x = threadIdx.x; x < rk * nk; x += blockDim.x) {  // coalesced reads
     const int t = x / nk;
-    g_t[(x - t * nk) * ld + t] = to_f(G[x]);
+    g_s[t * ld + (x - t * nk)] = to_f(G[x]);
   }
   __syncthreads();
-  const int lane = threadIdx.x % kWarp, warps = blockDim.x / kWarp;
+  const int width = rk <= 16 ? 16 : kWarp;
+  const int lane = threadIdx.x % width, groups = blockDim.x / width;
   const int s_k = a.m_prev * nk;
-  for (int o = s + static_cast<int>(threadIdx.x) / kWarp; o < e; o += warps) {
+  for (int o = s + static_cast<int>(threadIdx.x) / width; o < e; o += groups) {
     const int j = a.order[o];
-    const float* dp = a.dp + int64_t(j) * s_k;
+    const float* dp = a.dp + int64_t(j) * s_k;  // float4-aligned: nk % 4 == 0, workspaces 256-byte aligned
     float* out = dchild + int64_t(j) * a.m_prev * rk;
     for (int am0 = 0; am0 < a.m_prev; am0 += kChildRows) {
       const int am_n = a.m_prev - am0 < kChildRows ? a.m_prev - am0 : kChildRows;
       const float* drow = dp + int64_t(am0) * nk;
-      for (int t = lane; t - lane < rk; t += kWarp) {  // warp-uniform trip count
-        const bool live = t < rk;
+      for (int t = lane; t < rk; t += width) {
+        const float* g = g_s + t * ld;
         float acc[kChildRows] = {};
-#pragma unroll 4
-        for (int c = 0; c < nk; ++c) {
-          const float g = live ? g_t[c * ld + t] : 0.f;
+#pragma unroll 2
+        for (int c = 0; c < nk; c += 4) {
+          const float4 gv = *reinterpret_cast<const float4*>(g + c);
 #pragma unroll
           for (int i = 0; i < kChildRows; ++i) {
-            if (i < am_n) acc[i] += __ldg(drow + i * nk + c) * g;
+            if (i < am_n) {
+              const float4 dv = __ldg(reinterpret_cast<const float4*>(drow + i * nk + c));
+              acc[i] += dv.x * gv.x;
+              acc[i] += dv.y * gv.y;
+              acc[i] += dv.z * gv.z;
+              acc[i] += dv.w * gv.w;
+            }
           }
         }
-        if (live) {
 #pragma unroll
-          for (int i = 0; i < kChildRows; ++i) {
-            if (i < am_n) out[int64_t(am0 + i) * rk + t] = acc[i];
-          }
+        for (int i = 0; i < kChildRows; ++i) {
+          if (i < am_n) out[int64_t(am0 + i) * rk + t] = acc[i];
         }
       }
     }
@@ -345,6 +357,15 @@ struct SliceTiling {
   int cols, row_groups, splits;
 };
 
+// Whether slice_grad_kernel<E> reads each P_{k-1} run of E rows as float4s (the runs must be 16-byte
+// aligned: E and rk multiples of 4), and the stride of its staged node rows then.
+__host__ __device__ __forceinline__ bool slice_reads_quads(int E, int k, int rk) {
+  return E % 4 == 0 && k > 0 && rk % 4 == 0;
+}
+__host__ __device__ __forceinline__ int slice_row_stride(int row, bool quads) {
+  return quads ? quad_stride(row) : odd_stride(row);
+}
+
 // Applies the optimizer (or stores the gradient) for slice element w.
 template <typename T>
 __device__ __forceinline__ void apply_update(const UpdateSlice& u, int64_t w, float g, T* core, T* core_grad,
@@ -369,6 +390,36 @@ __device__ __forceinline__ void apply_update(const UpdateSlice& u, int64_t w, fl
   }
 }
 
+// acc[i] += sum over m of P_{k-1}[parent][m][t0 + i] * dP_k[node][m][c] for one node (pm = &P[0][t0],
+// dm = &dP[0][c]), m ascending. With quads (slice_reads_quads) a 16-byte load brings 4 rows: per m, E / 4
+// loads (broadcast within a row group) and one dP load feed E FMAs, instead of E + 1 loads.
+template <int E>
+__device__ __forceinline__ void accumulate_node(const float* pm, const float* dm, const LevelArgs& a, bool quads,
+                                                const bool (&row_ok)[E], float (&acc)[E]) {
+  for (int m = 0; m < a.m_prev; ++m, pm += a.rk, dm += a.nk) {
+    const float dv = *dm;
+    if constexpr (E % 4 == 0) {
+      if (quads) {
+#pragma unroll
+        for (int i = 0; i < E; i += 4) {
+          if (row_ok[i]) {  // rk % 4 == 0: rows i..i+3 are all in or all out
+            const float4 p4 = *reinterpret_cast<const float4*>(pm + i);
+            acc[i] += p4.x * dv;
+            acc[i + 1] += p4.y * dv;
+            acc[i + 2] += p4.z * dv;
+            acc[i + 3] += p4.w * dv;
+          }
+        }
+        continue;
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < E; ++i) {
+      if (row_ok[i]) acc[i] += pm[i] * dv;
+    }
+  }
+}
+
 // One block per core slice v: dG_k[v] (rk x nk) = sum over the nodes with digit v (in node order) of
 // P_{k-1}[parent]^T @ dP_k[node], then stored (dense gradients) or applied (fused optimizer). The
 // block walks the digit's nodes in chunks of `chunk` nodes whose P_{k-1} and dP_k rows are first
@@ -377,7 +428,8 @@ __device__ __forceinline__ void apply_update(const UpdateSlice& u, int64_t w, fl
 template <typename T, int E>
 __global__ void slice_grad_kernel(Plan pl, LevelArgs a, UpdateSlice u, SliceTiling st, int chunk,
                                   T* __restrict__ core, T* __restrict__ core_grad) {
-  extern __shared__ float smem[];  // max(chunk rows, splits' partial tiles)
+  extern __shared__ float4 smem4[];  // max(chunk rows, splits' partial tiles); float4: 16-byte aligned
+  float* smem = reinterpret_cast<float*>(smem4);
   __shared__ float red[kWarp];
   __shared__ float scale_s;
   __shared__ int node_s[kNodeChunk];
@@ -391,7 +443,8 @@ __global__ void slice_grad_kernel(Plan pl, LevelArgs a, UpdateSlice u, SliceTili
   const int s_prev = a.k > 0 ? a.m_prev * a.rk : 0;  // floats of P_{k-1}[parent] (none at level 0)
   const int s_k = a.m_prev * a.nk;
   const int row = s_prev + s_k;                        // floats staged per node
-  const int row_ld = odd_stride(row);
+  const bool quads = slice_reads_quads(E, a.k, a.rk);
+  const int row_ld = slice_row_stride(row, quads);
   const int64_t base = int64_t(v) * a.rk * a.nk;
   // this thread's place in the tiling
   const int col_lane = threadIdx.x % st.cols;
@@ -426,20 +479,13 @@ __global__ void slice_grad_kernel(Plan pl, LevelArgs a, UpdateSlice u, SliceTili
         }
         if (!active) continue;
         for (int q = split; q < cn; q += st.splits) {
-          const float* pm = staged ? smem + q * row_ld : a.p_prev + int64_t(parent_s[q]) * s_prev;
-          const float* dm = staged ? smem + q * row_ld + s_prev : a.dp + int64_t(node_s[q]) * s_k;
           if (a.k == 0) {  // dG_0[v] = dP_0[node] (rk = 1, one row)
-            acc[0] += dm[c];
-            continue;
-          }
-          pm += t0;
-          dm += c;
-          for (int m = 0; m < a.m_prev; ++m, pm += a.rk, dm += a.nk) {
-            const float dv = *dm;
-#pragma unroll
-            for (int i = 0; i < E; ++i) {
-              if (row_ok[i]) acc[i] += pm[i] * dv;
-            }
+            acc[0] += staged ? smem[q * row_ld + c] : a.dp[int64_t(node_s[q]) * s_k + c];
+          } else if (staged) {  // two calls: each inlined with its pointers' address space known
+            accumulate_node<E>(smem + q * row_ld + t0, smem + q * row_ld + s_prev + c, a, quads, row_ok, acc);
+          } else {
+            accumulate_node<E>(a.p_prev + int64_t(parent_s[q]) * s_prev + t0, a.dp + int64_t(node_s[q]) * s_k + c, a,
+                               quads, row_ok, acc);
           }
         }
       }

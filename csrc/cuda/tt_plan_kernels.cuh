@@ -237,6 +237,42 @@ __global__ void node_info_kernel(Geo g, Plan pl, NodeOut no, int64_t max_bound) 
 
 // ---- forward ---------------------------------------------------------------------------------------
 
+// acc[i] += sum over t of P[i][t] * G[t][c] (t ascending) for the rows i < a_n of P (row stride rk) and
+// column c of G (row stride nk). Where rk % 4 == 0, P's rows come as float4s (P is a workspace:
+// 16-byte aligned): per 4 t, ROWS vector loads and 4 slice loads feed 4 * ROWS FMAs instead of
+// 4 * (ROWS + 1) scalar loads, which left the load/store unit the limit of config (b)'s chain. The slice
+// is read as scalars: the cores are the caller's tensors, with no alignment promised.
+template <typename T, int ROWS>
+__device__ __forceinline__ void rows_times_column(const float* __restrict__ P, int rk, int a_n, const T* __restrict__ G,
+                                                  int nk, int c, float (&acc)[ROWS]) {
+  if (rk % 4 == 0) {
+#pragma unroll 2
+    for (int t = 0; t < rk; t += 4) {
+      const float g0 = to_f(G[int64_t(t) * nk + c]), g1 = to_f(G[int64_t(t + 1) * nk + c]);
+      const float g2 = to_f(G[int64_t(t + 2) * nk + c]), g3 = to_f(G[int64_t(t + 3) * nk + c]);
+#pragma unroll
+      for (int i = 0; i < ROWS; ++i) {
+        if (i < a_n) {
+          const float4 p = __ldg(reinterpret_cast<const float4*>(P + int64_t(i) * rk + t));
+          acc[i] += p.x * g0;
+          acc[i] += p.y * g1;
+          acc[i] += p.z * g2;
+          acc[i] += p.w * g3;
+        }
+      }
+    }
+    return;
+  }
+#pragma unroll 8
+  for (int t = 0; t < rk; ++t) {  // loads of several t in flight together
+    const float g = to_f(G[int64_t(t) * nk + c]);
+#pragma unroll
+    for (int i = 0; i < ROWS; ++i) {
+      if (i < a_n) acc[i] += __ldg(P + int64_t(i) * rk + t) * g;
+    }
+  }
+}
+
 // P_k[j] = P_{k-1}[parent] (m_prev x rk) @ G_k[digit] (rk x nk), one block per node; level 0 copies
 // the core slice. Outputs are fp32, m_prev x nk = (q_0..q_k) x r_{k+1}. Each thread computes
 // column c of ROWS consecutive rows: a slice value read once (coalesced over c) feeds ROWS FMAs
@@ -259,16 +295,8 @@ __global__ void chain_kernel(Plan pl, int k, const T* __restrict__ core, const f
     for (int idx = threadIdx.x; idx < row_groups * nk; idx += blockDim.x) {
       const int a0 = idx / nk * ROWS, c = idx - idx / nk * nk;
       const int a_n = m_prev - a0 < ROWS ? m_prev - a0 : ROWS;
-      const float* pa = P + int64_t(a0) * rk;
       float acc[ROWS] = {};
-#pragma unroll 8
-      for (int t = 0; t < rk; ++t) {  // loads of several t in flight together
-        const float g = to_f(G[int64_t(t) * nk + c]);
-#pragma unroll
-        for (int i = 0; i < ROWS; ++i) {
-          if (i < a_n) acc[i] += __ldg(pa + int64_t(i) * rk + t) * g;
-        }
-      }
+      rows_times_column<T, ROWS>(P + int64_t(a0) * rk, rk, a_n, G, nk, c, acc);
 #pragma unroll
       for (int i = 0; i < ROWS; ++i) {
         if (i < a_n) out[int64_t(a0 + i) * nk + c] = acc[i];

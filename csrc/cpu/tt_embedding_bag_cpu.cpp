@@ -331,17 +331,6 @@ at::Tensor tt_embedding_bag(at::TensorList cores, const at::Tensor& indices, con
   return out;
 }
 
-at::Tensor tt_embedding_bag_fused(at::TensorList cores, at::TensorList optimizer_state, const at::Tensor& indices,
-                                  const at::Tensor& offsets, const std::optional<at::Tensor>& psw,
-                                  int64_t num_embeddings, int64_t pooling_mode, bool include_last_offset,
-                                  int64_t bounds_check_mode, c10::string_view optimizer, double learning_rate,
-                                  double eps, c10::string_view table_name) {
-  check_fused_args(std::string(table_name), cores, optimizer_state, indices, offsets, psw, num_embeddings,
-                   pooling_mode, include_last_offset, bounds_check_mode, std::string(optimizer), learning_rate, eps);
-  return tt_embedding_bag(cores, indices, offsets, psw, num_embeddings, pooling_mode, include_last_offset,
-                          bounds_check_mode, table_name);
-}
-
 std::tuple<std::vector<at::Tensor>, at::Tensor> tt_embedding_bag_backward(
     const at::Tensor& grad_output, at::TensorList cores, const at::Tensor& indices, const at::Tensor& offsets,
     const std::optional<at::Tensor>& psw, int64_t num_embeddings, int64_t pooling_mode, bool include_last_offset,
@@ -477,7 +466,6 @@ void tt_cached_embedding_bag_backward_fused_(
 
 TORCH_LIBRARY_IMPL(torchrec_tt, CPU, m) {
   m.impl("tt_embedding_bag", &tt_embedding_bag);
-  m.impl("tt_embedding_bag_fused", &tt_embedding_bag_fused);
   m.impl("tt_embedding_bag_backward", &tt_embedding_bag_backward);
   m.impl("tt_embedding_bag_backward_fused_", &tt_embedding_bag_backward_fused_);
   m.impl("tt_cached_embedding_bag_fused", &tt_cached_embedding_bag_fused);

@@ -248,8 +248,10 @@ def test_random_shapes_fused_step_matches_cpu(emu, b, name):
         emu_fused_step(emu, b, name, emu_cores, emu_state, grad_of(b, 2))
     cpu_cores, cpu_state = [x.float() for x in b["cores"]], [x + 0.5 for x in fresh_state(name, b["cores"], 3)]
     cpu_fused_step(b, name, cpu_cores, cpu_state, grad_of(b, 2))
-    for a, c in zip(emu_cores + emu_state, cpu_cores + cpu_state):
+    for a, c in zip(emu_cores, cpu_cores):
         close(a, c, 1e-4)
+    for a, c in zip(emu_state, cpu_state):  # Adagrad sums g^2: twice the relative float error of g
+        close(a, c, 2e-4)
 
 
 # ---- bad input: validation records and the backward guard -----------------------------------------

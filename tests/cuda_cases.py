@@ -137,10 +137,15 @@ WIDE = [  # core slices of 64 x 256 (more than a block holds in one pass or in s
     # column groups of 32 lanes, rows in groups of 4 and 2 (m_prev = 6), several nodes per warp; its
     # forward chain the 4-rows-per-thread kernel
     wide_case(3, [40, 6, 3], [6, 3, 2], [1, 40, 12, 1], 300, 4),
-    # the same kernels with an odd nk (33) and one group of 3 rows
+    # an odd nk (33): the warp kernel reads 4 columns at a time, so this level takes child_grad_kernel
     wide_case(4, [30, 5, 2], [3, 11, 2], [1, 20, 3, 1], 200, 3),
+    # rk = 16 (nk = 32): the warp kernel's 16-lane groups, a node each
+    wide_case(5, [30, 6, 2], [4, 8, 2], [1, 16, 4, 1], 200, 3),
+    # bags of 70 ids, mean pooling: pooling walks a bag 32 positions at a time
+    dict(wide_case(6, [5, 6, 7], [2, 2, 2], [1, 4, 4, 1], 210, 70), pooling=1),
 ]
-WIDE_IDS = ["wide_slices", "many_nodes_per_digit", "hot_ids", "warp_parent_grads", "warp_parent_grads_odd"]
+WIDE_IDS = ["wide_slices", "many_nodes_per_digit", "hot_ids", "warp_parent_grads", "warp_parent_grads_odd",
+            "warp_16_lanes", "long_bags"]
 
 
 def fresh_state(name, cores, seed):

@@ -58,14 +58,15 @@ __global__ void row_grad_kernel(Plan pl, int last, const int* __restrict__ bag_o
   const int cnt = level_count(pl, last);
   for (int64_t u = warp_start(); u < cnt; u += warp_stride()) {  // warp-uniform
     const int o0 = pl.first[last][u], o1 = pl.first[last][u + 1];
-    if (o1 - o0 <= kWarp) {
+    const int occ = o1 - o0;  // warp-uniform
+    if (occ <= kWarp) {
       float coef = 0.f;
-      const int b = o0 + lane < o1 ? occurrence(pl.pos[o0 + lane], bag_of, bag_count, psw, mean, coef) : -1;
+      const int b = lane < occ ? occurrence(pl.pos[o0 + lane], bag_of, bag_count, psw, mean, coef) : -1;
       for (int c0 = 0; c0 < D; c0 += kWarp) {
         const int c = c0 + lane;
         float acc = 0.f;
-#pragma unroll
-        for (int i = 0; i < kWarp; ++i) {
+#pragma unroll 4
+        for (int i = 0; i < occ; ++i) {  // (most ids occur once: not 32 turns for every id)
           const int bi = __shfl_sync(0xffffffffu, b, i);
           const float ci = __shfl_sync(0xffffffffu, coef, i);
           if (bi >= 0 && c < D) acc += ci * to_f(grad[int64_t(bi) * D + c]);

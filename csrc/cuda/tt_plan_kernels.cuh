@@ -336,16 +336,25 @@ __global__ void pool_kernel(Bags bg, const int* __restrict__ slot, int* __restri
     const int kept = kept_in_bag(slot, s, e, lane);
     if (lane == 0) bag_count[b] = kept;
     const float cnt = static_cast<float>(kept);
-    for (int c = lane; c < D; c += kWarp) {
+    for (int c0 = 0; c0 < D; c0 += kWarp) {  // warp-uniform trip counts (shuffles below)
+      const int c = c0 + lane;
       float acc = 0.f;
-      for (int p = s; p < e; ++p) {
-        const int u = slot[p];
-        if (u < 0) continue;
-        float coef = psw != nullptr ? to_f(psw[p]) : 1.f;
-        if (mean) coef /= cnt;
-        acc += coef * rows[int64_t(u) * D + c];
+      for (int p0 = s; p0 < e; p0 += kWarp) {
+        // 32 positions' slots and coefficients in one coalesced load, then broadcast in position
+        // order: the row reads no longer wait, one after another, on the slot reads before them.
+        const int p = p0 + lane;
+        const int u_l = p < e ? slot[p] : -1;
+        float coef_l = psw != nullptr && p < e ? to_f(psw[p]) : 1.f;
+        if (mean) coef_l /= cnt;
+        const int here = e - p0 < kWarp ? e - p0 : kWarp;
+#pragma unroll 4
+        for (int i = 0; i < here; ++i) {
+          const int u = __shfl_sync(0xffffffffu, u_l, i);
+          const float coef = __shfl_sync(0xffffffffu, coef_l, i);
+          if (u >= 0 && c < D) acc += coef * rows[int64_t(u) * D + c];
+        }
       }
-      out[b * D + c] = from_f<T>(acc);
+      if (c < D) out[b * D + c] = from_f<T>(acc);
     }
   }
 }

@@ -155,6 +155,23 @@ __device__ __forceinline__ void stage_rows(float* dst, int rows, int len, int ld
   }
 }
 
+// The start of one chunk of a digit's nodes, [o0, o0 + cn) with cn = min(step, e - o0): once every
+// thread is done with the previous chunk, stages the chunk's node numbers (and parents) and, where the
+// kernel stages rows, calls stage(cn) for them; returns cn with everything staged visible to the block.
+template <typename StageRows>
+__device__ __forceinline__ int begin_chunk(const Plan& pl, const LevelArgs& a, int o0, int e, int step, int* node_s,
+                                           int* parent_s, bool staged, StageRows stage) {
+  const int cn = e - o0 < step ? e - o0 : step;
+  __syncthreads();  // the previous chunk has been used
+  stage_nodes(pl, a, o0, cn, node_s, parent_s);
+  __syncthreads();
+  if (staged) {
+    stage(cn);
+    __syncthreads();
+  }
+  return cn;
+}
+
 // dchild[j] (m_prev x rk) = dP_k[j] (m_prev x nk) @ G_k[digit_j]^T (nk x rk). One block per digit: the
 // core slice is staged once in shared memory (rows padded to an odd stride), then chunks of `chunk`
 // nodes have their dP_k rows staged with independent loads, and each thread computes a 4 x 4 tile
@@ -180,14 +197,9 @@ __global__ void child_grad_kernel(Plan pl, LevelArgs a, int chunk, const T* __re
   if (staged) stage_rows(g_s, a.rk, a.nk, ld, [&](int t, int c) { return to_f(G[int64_t(t) * a.nk + c]); });
   const int per_node = a.m_prev * a.rk;
   for (int o0 = s; o0 < e; o0 += step) {
-    const int cn = e - o0 < step ? e - o0 : step;
-    __syncthreads();  // the previous chunk has been used
-    stage_nodes(pl, a, o0, cn, node_s, parent_s);
-    __syncthreads();
-    if (staged) {
-      stage_rows(d_s, cn, s_k, s_k, [&](int q, int r) { return a.dp[int64_t(node_s[q]) * s_k + r]; });
-      __syncthreads();
-    }
+    const int cn = begin_chunk(pl, a, o0, e, step, node_s, parent_s, staged, [&](int n) {
+      stage_rows(d_s, n, s_k, s_k, [&](int q, int r) { return a.dp[int64_t(node_s[q]) * s_k + r]; });
+    });
     // 4 x 4 output tiles (rows am0.., columns t0..): per c, 4 dP and 4 slice values feed 16 FMAs
     const int am_tiles = (a.m_prev + kChildTile - 1) / kChildTile, t_tiles = (a.rk + kChildTile - 1) / kChildTile;
     const int tiles = am_tiles * t_tiles;
@@ -467,17 +479,12 @@ __global__ void slice_grad_kernel(Plan pl, LevelArgs a, UpdateSlice u, SliceTili
         row_ok[i] = t0 + i < a.rk;
       }
       for (int o0 = s; o0 < e; o0 += step) {
-        const int cn = e - o0 < step ? e - o0 : step;
-        __syncthreads();  // the previous chunk has been used
-        stage_nodes(pl, a, o0, cn, node_s, parent_s);
-        __syncthreads();
-        if (staged) {
-          stage_rows(smem, cn, row, row_ld, [&](int q, int r) {
+        const int cn = begin_chunk(pl, a, o0, e, step, node_s, parent_s, staged, [&](int n) {
+          stage_rows(smem, n, row, row_ld, [&](int q, int r) {
             return r < s_prev ? a.p_prev[int64_t(parent_s[q]) * s_prev + r]
                               : a.dp[int64_t(node_s[q]) * s_k + (r - s_prev)];
           });
-          __syncthreads();
-        }
+        });
         if (!active) continue;
         for (int q = split; q < cn; q += st.splits) {
           if (a.k == 0) {  // dG_0[v] = dP_0[node] (rk = 1, one row)

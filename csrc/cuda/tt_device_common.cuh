@@ -53,6 +53,22 @@ __device__ __forceinline__ int warp_sum(int v) {
   return v;
 }
 
+// acc plus, in lane order over the lanes i < n, coef_i * src[row_i * D + c], lane i holding (row_i,
+// coef_i); a row < 0 and a column c >= D add nothing. Every lane of the warp calls it with the same n
+// (shuffles). Pooling walks a bag's positions with it, row gradients an id's occurrences: the rows'
+// reads do not wait on one another's row numbers.
+template <typename S>
+__device__ __forceinline__ float add_lane_rows(float acc, int n, int row, float coef, const S* __restrict__ src, int D,
+                                               int c) {
+#pragma unroll 4
+  for (int i = 0; i < n; ++i) {
+    const int ri = __shfl_sync(0xffffffffu, row, i);
+    const float ci = __shfl_sync(0xffffffffu, coef, i);
+    if (ri >= 0 && c < D) acc += ci * to_f(src[int64_t(ri) * D + c]);
+  }
+  return acc;
+}
+
 // Deterministic block sum (fixed tree); the result is valid in thread 0. blockDim.x % 32 == 0.
 __device__ __forceinline__ float block_sum(float v, float* red /* >= 32 floats of shared memory */) {
   v = warp_sum(v);

@@ -64,13 +64,7 @@ __global__ void row_grad_kernel(Plan pl, int last, const int* __restrict__ bag_o
       const int b = lane < occ ? occurrence(pl.pos[o0 + lane], bag_of, bag_count, psw, mean, coef) : -1;
       for (int c0 = 0; c0 < D; c0 += kWarp) {
         const int c = c0 + lane;
-        float acc = 0.f;
-#pragma unroll 4
-        for (int i = 0; i < occ; ++i) {  // (most ids occur once: not 32 turns for every id)
-          const int bi = __shfl_sync(0xffffffffu, b, i);
-          const float ci = __shfl_sync(0xffffffffu, coef, i);
-          if (bi >= 0 && c < D) acc += ci * to_f(grad[int64_t(bi) * D + c]);
-        }
+        const float acc = add_lane_rows(0.f, occ, b, coef, grad, D, c);  // occ turns: most ids occur once
         if (c < D) d_rows[u * D + c] = acc;
       }
       continue;

@@ -340,19 +340,12 @@ __global__ void pool_kernel(Bags bg, const int* __restrict__ slot, int* __restri
       const int c = c0 + lane;
       float acc = 0.f;
       for (int p0 = s; p0 < e; p0 += kWarp) {
-        // 32 positions' slots and coefficients in one coalesced load, then broadcast in position
-        // order: the row reads no longer wait, one after another, on the slot reads before them.
+        // 32 positions' slots and coefficients in one coalesced load, broadcast in position order
         const int p = p0 + lane;
         const int u_l = p < e ? slot[p] : -1;
         float coef_l = psw != nullptr && p < e ? to_f(psw[p]) : 1.f;
         if (mean) coef_l /= cnt;
-        const int here = e - p0 < kWarp ? e - p0 : kWarp;
-#pragma unroll 4
-        for (int i = 0; i < here; ++i) {
-          const int u = __shfl_sync(0xffffffffu, u_l, i);
-          const float coef = __shfl_sync(0xffffffffu, coef_l, i);
-          if (u >= 0 && c < D) acc += coef * rows[int64_t(u) * D + c];
-        }
+        acc = add_lane_rows(acc, e - p0 < kWarp ? e - p0 : kWarp, u_l, coef_l, rows, D, c);
       }
       if (c < D) out[b * D + c] = from_f<T>(acc);
     }

@@ -51,7 +51,8 @@ def emu():
 
 @pytest.fixture(params=sorted(PLAN_PATHS))
 def plan_path(request, monkeypatch):
-    """Both plan paths, for the tests that ask (cuda_cases' fixture of that name applies to every test)."""
+    """Both plan paths, for the tests that ask for them (not autouse, unlike test_cuda.py's fixture of
+    that name from cuda_cases: the emulator's self-checks and property tests run once)."""
     set_plan_path(monkeypatch, request.param)
     return request.param
 

@@ -365,10 +365,9 @@ struct SliceTiling {
 };
 
 // Whether slice_grad_kernel<E> reads each P_{k-1} run of E rows as float4s (the runs must be 16-byte
-// aligned: E and rk multiples of 4), and the stride of its staged node rows then.
-__host__ __device__ __forceinline__ bool slice_reads_quads(int E, int k, int rk) {
-  return E % 4 == 0 && k > 0 && rk % 4 == 0;
-}
+// aligned: E and rk multiples of 4; never at level 0, where rk = r_0 = 1), and the stride of its staged
+// node rows then.
+__host__ __device__ __forceinline__ bool slice_reads_quads(int E, int rk) { return E % 4 == 0 && rk % 4 == 0; }
 __host__ __device__ __forceinline__ int slice_row_stride(int row, bool quads) {
   return quads ? quad_stride(row) : odd_stride(row);
 }
@@ -450,7 +449,7 @@ __global__ void slice_grad_kernel(Plan pl, LevelArgs a, UpdateSlice u, SliceTili
   const int s_prev = a.k > 0 ? a.m_prev * a.rk : 0;  // floats of P_{k-1}[parent] (none at level 0)
   const int s_k = a.m_prev * a.nk;
   const int row = s_prev + s_k;                        // floats staged per node
-  const bool quads = slice_reads_quads(E, a.k, a.rk);
+  const bool quads = slice_reads_quads(E, a.rk);
   const int row_ld = slice_row_stride(row, quads);
   const int64_t base = int64_t(v) * a.rk * a.nk;
   // this thread's place in the tiling

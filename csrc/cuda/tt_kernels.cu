@@ -234,7 +234,7 @@ cudaError_t backward_level(const TTDims& t, const Sizes& sz, int k, const Plan& 
   st.row_groups = groups < rows_needed ? groups : rows_needed;
   st.splits = groups / st.row_groups;
   const int64_t row_bytes =
-      int64_t(sizeof(float)) * slice_row_stride(m_prev * ((k > 0 ? rk : 0) + nk), slice_reads_quads(E, k, rk));
+      int64_t(sizeof(float)) * slice_row_stride(m_prev * ((k > 0 ? rk : 0) + nk), slice_reads_quads(E, rk));
   const int chunk = chunk_for(0, row_bytes);
   const int64_t part_bytes = st.splits > 1 ? int64_t(sizeof(float)) * st.splits * st.row_groups * E * st.cols : 0;
   const size_t smem = static_cast<size_t>(chunk * row_bytes > part_bytes ? chunk * row_bytes : part_bytes);

@@ -253,7 +253,7 @@ inline void run_grid(const LaunchCfg& c, const char* kernel, std::function<void(
   if (threads == 0 || threads > 1024 || c.grid.x == 0)
     return fail(cudaErrorInvalidConfiguration, kernel, "block of 0 or > 1024 threads, or empty grid");
   if (c.smem > kMaxDynamicSmem) return fail(cudaErrorInvalidValue, kernel, "dynamic shared memory over 48 KiB");
-  r.violation = nullptr;  // (a deadlocked launch may have left one)
+  r.violation = nullptr;  // (the last launch may have left one: it stopped at the first report)
   r.block_dim = c.block;
   r.grid_dim = c.grid;
   r.body = std::move(body);
@@ -301,11 +301,7 @@ inline void run_grid(const LaunchCfg& c, const char* kernel, std::function<void(
         return fail(cudaErrorLaunchFailure, kernel, why);
       }
     }
-    if (r.violation != nullptr) {
-      const char* why = r.violation;
-      r.violation = nullptr;
-      return fail(cudaErrorLaunchFailure, kernel, why);
-    }
+    if (r.violation != nullptr) return fail(cudaErrorLaunchFailure, kernel, r.violation);  // (cleared at launch)
   }
 }
 

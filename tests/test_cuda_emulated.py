@@ -11,10 +11,14 @@ and the bitwise checks are between emulated runs only. The emulator's own checks
 intrinsics against CUDA's definitions, a missing barrier, a deadlock and misused warp intrinsics that
 it must expose.
 """
+import hashlib
 import math
 import os
+import re
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -121,6 +125,18 @@ def test_emulator_exposes_missing_barrier_deadlock_and_misuse(emu):
         assert err != 0, misuse  # cudaErrorLaunchFailure, with a message on stderr
     out, err = emu.selftest("reverse", 64, 3)  # the error was reported once and cleared
     assert err == 0 and out[0] == 30063
+
+
+def test_emulator_fails_a_launch_over_48_kib_of_shared_memory(emu):
+    """Static + dynamic shared memory over 48 KiB fails a launch on a GPU (without an opt-in): 4 KiB of
+    static array and 44 KiB dynamic fit, 4 bytes more do not."""
+    emu.launch_log(clear=True)
+    out, err = emu.selftest("smem_fits", 64, 4)
+    assert err == 0 and out[0] == 40063
+    _, err = emu.selftest("smem_over", 64, 4)
+    assert err != 0
+    (name, (launches, threads, dynamic, static)), = emu.launch_log(clear=True).items()
+    assert (name, launches, threads, dynamic, static) == ("reverse_kernel<true>", 1, 64, 44 * 1024, 4096)
 
 
 def test_emulator_aborts_on_a_misaligned_vector_load(emu):
@@ -392,3 +408,97 @@ def test_benchmark_configs_match_cpu(emu, config, monkeypatch):
     for a, b in zip(emu_cores, cpu_cores):
         close(a, b, 1e-5)
 
+
+
+# ---- resources: what each launch asks of a block against what ptxas gave each kernel ----------------
+
+NVCC_FLAGS = ["-O3", "--use_fast_math", "-std=c++20", "--expt-relaxed-constexpr"]  # as setup.py builds them
+ARCHS = ("sm_80", "sm_90")
+BLOCK_REGISTERS, BLOCK_SHARED_BYTES = 65536, 48 * 1024  # both archs; more shared memory needs an opt-in
+
+
+def ptxas_logs(archs):
+    """{arch: nvcc -Xptxas -v's report of csrc/cuda/tt_kernels.cu}, compiled in parallel and cached per
+    source digest under build/."""
+    src = Path(__file__).resolve().parent.parent / "csrc" / "cuda"
+    caches, jobs = {}, {}
+    for arch in archs:
+        digest = hashlib.sha1(" ".join(NVCC_FLAGS + [arch]).encode())
+        for f in sorted(src.glob("*.cu*")):
+            digest.update(f.name.encode() + f.read_bytes())
+        caches[arch] = src.parent.parent / "build" / f"ptxas_{arch}_{digest.hexdigest()[:12]}.txt"
+        if not caches[arch].exists():
+            jobs[arch] = subprocess.Popen(["nvcc", "-c", *NVCC_FLAGS, f"-arch={arch}", "-Xptxas", "-v",
+                                           str(src / "tt_kernels.cu"), "-o", os.devnull],
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for arch, job in jobs.items():
+        _, err = job.communicate(timeout=900)
+        assert job.returncode == 0, err[-3000:]
+        caches[arch].parent.mkdir(exist_ok=True)
+        caches[arch].write_text(err)
+    return {arch: caches[arch].read_text() for arch in archs}
+
+
+def ptxas_resources(arch, text):
+    """{kernel name: (most registers per thread, most static shared memory bytes)} over the kernel's
+    instantiations, from ptxas' report `text`."""
+    assert f"for '{arch}'" in text, text[-2000:]
+    entries = re.findall(r"Compiling entry function '(\w+)'.*?Used (\d+) registers([^\n]*)", text, re.S)
+    names = subprocess.run(["c++filt"], input="\n".join(e[0] for e in entries), capture_output=True, text=True,
+                           check=True).stdout.split("\n")
+    out = {}
+    for (_, regs, rest), demangled in zip(entries, names):  # rest: ", used 1 barriers, 2192 bytes smem, ..."
+        ours = re.match(r"(?:void )?torchrec_tt::cuda::(?:\(anonymous namespace\)::)?(\w+)", demangled)
+        if ours is None:
+            continue  # CUB's own kernels: CUB sizes their launches
+        kernel = ours.group(1)
+        smem = re.search(r"(\d+) bytes smem", rest)
+        old = out.get(kernel, (0, 0))
+        out[kernel] = (max(old[0], int(regs)), max(old[1], int(smem.group(1)) if smem else 0))
+    assert len(entries) > 20 and out, text[-2000:]
+    return out
+
+
+def test_every_kernel_launch_fits_a_block(emu, monkeypatch):
+    """A launch fails on a GPU when a block needs more than 64K registers or more than 48 KiB of static +
+    dynamic shared memory. The emulator records each kernel's largest block and dynamic shared memory
+    over every test case, both plan paths, forward and dense / fused backward, float and bfloat16 cores;
+    ptxas says each kernel's registers and static shared memory for sm_80 and sm_90. Every kernel that
+    ptxas compiled must be among those launched, so none goes unchecked."""
+    if shutil.which("nvcc") is None or shutil.which("c++filt") is None:
+        if os.environ.get("TORCHREC_TT_REQUIRE_EMU") == "1":
+            pytest.fail("nvcc and c++filt are needed for the resource check")
+        pytest.skip("no nvcc")
+    emu.launch_log(clear=True)
+    for path in sorted(PLAN_PATHS):
+        set_plan_path(monkeypatch, path)
+        for i, c in enumerate(ALL_CASES):
+            dtype = torch.bfloat16 if i % 3 == 0 else torch.float32
+            cores, ids, offsets, psw = args(c, dtype)
+            emu.validate(cores, ids, offsets, psw, c["n_rows"], c["include_last"], i % 2 == 0)
+            _, plan, rec = emu_forward(emu, c, cores=cores, dtype=dtype)
+            own_plan = i % 2 == 0  # backward without forward's plan builds its own
+            emu.backward(grad_of(c).to(dtype), cores, [], ids, offsets, psw, c["n_rows"], c["pooling"] == 1,
+                         c["include_last"], 0, 0.0, 0.0, psw is not None, NO_PLAN if own_plan else plan,
+                         NO_RECORD if own_plan else rec)
+            name = list(OPTIMIZERS)[i % 3]
+            emu_fused_step(emu, c, name, [x.float() for x in c["cores"]], fresh_state(name, c["cores"], 1),
+                           grad_of(c, 3))
+    c = ALL_CASES[0]  # a batch over the one-block validation's 32,768 positions: the grid-wide one
+    long_ids = torch.randint(0, c["n_rows"], (40_000,), generator=torch.Generator().manual_seed(0))
+    emu.validate(args(c)[0], long_ids, torch.tensor([0, 20_000]), None, c["n_rows"], False, True)
+    launched = {}
+    for name, (_, threads, dynamic, static) in emu.launch_log(clear=True).items():
+        kernel = name.split("<")[0]
+        old = launched.get(kernel, (0, 0, 0))
+        launched[kernel] = (max(old[0], threads), max(old[1], dynamic), max(old[2], static))
+    for arch, log in ptxas_logs(ARCHS).items():
+        resources = ptxas_resources(arch, log)
+        assert any(static for _, static in resources.values()), resources  # the smem figures were parsed
+        assert not set(resources) - set(launched), f"never launched here: {sorted(set(resources) - set(launched))}"
+        for kernel, (regs, static) in sorted(resources.items()):
+            threads, dynamic, reached = launched[kernel]
+            static = max(static, reached)  # (ptxas drops arrays a kernel never reads)
+            per_warp = -(-regs * 32 // 256) * 256  # registers are allocated per warp, 256 at a time
+            assert per_warp * -(-threads // 32) <= BLOCK_REGISTERS, (arch, kernel, regs, threads)
+            assert static + dynamic <= BLOCK_SHARED_BYTES, (arch, kernel, static, dynamic)

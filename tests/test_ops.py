@@ -313,6 +313,10 @@ def test_torch_compile_traces_module():
     assert all(c.grad is not None for c in t.cores)
 
 
+@pytest.mark.skipif(tuple(int(x) for x in torch.__version__.split(".")[:2]) < (2, 13),
+                    reason="torch 2.11's AOTAutograd cannot trace a backward that updates a leaf parameter in place "
+                           "('a leaf Variable that requires grad is being used in an in-place operation'); "
+                           "2.13 can (2.12 not tried)")
 def test_torch_compile_fused_table_trains_like_eager():
     torch.manual_seed(0)
     t = TTEmbeddingBag(1000, 16, tt_ranks=4, optimizer="rowwise_adagrad")

@@ -3,7 +3,10 @@
 // Mirrors what the CUDA glue (csrc/cuda/tt_embedding_bag_cuda.cpp) passes to the launchers.
 #include <torch/extension.h>
 
+#include <map>
 #include <optional>
+#include <string>
+#include <tuple>
 #include <vector>
 
 #include "tt_kernels.cuh"
@@ -11,6 +14,8 @@
 namespace kern = torchrec_tt::cuda;
 
 std::pair<std::vector<int>, int> emu_selftest(const std::string& name, int threads, int seed);  // selftest.cpp
+using LaunchLog = std::map<std::string, std::tuple<uint64_t, unsigned, size_t, size_t>>;
+LaunchLog emu_launch_log(bool clear);  // selftest.cpp
 
 namespace {
 
@@ -152,4 +157,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward);
   m.def("backward", &backward);
   m.def("selftest", &emu_selftest);
+  m.def("launch_log", &emu_launch_log, py::arg("clear") = false);
 }

@@ -31,6 +31,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <map>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -63,6 +65,15 @@ struct WarpState {
   uint64_t slot[2][kWarp];    // exchange values, double-buffered by generation parity
 };
 
+// What a kernel asked of a block, over all its launches: checked against ptxas' registers and static
+// shared memory by tests/test_cuda_emulated.py (the limits a real launch would fail on).
+struct LaunchRecord {
+  unsigned long long launches = 0;
+  unsigned max_threads = 0;
+  size_t max_dynamic_smem = 0;
+  size_t max_static_smem = 0;  // of the __shared__ declarations reached (ptxas counts them all)
+};
+
 struct Fiber {
   ucontext_t ctx;
   std::vector<char> stack;
@@ -89,6 +100,10 @@ struct Runtime {
   const char* violation = nullptr;  // misuse seen during this launch (reported as a launch failure)
   unsigned long long block_serial = 0;
   std::vector<std::pair<const void*, unsigned long long>> poisoned;  // static __shared__: block last poisoned
+  const char* kernel = nullptr;                // the launch under way
+  std::vector<const void*> static_seen;        // its static __shared__ variables reached so far
+  size_t static_smem = 0;                      // their bytes
+  std::map<std::string, LaunchRecord> launches;  // every kernel launched since the last clear (launch_log)
 };
 
 inline Runtime& rt() {
@@ -205,6 +220,12 @@ inline V shuffle_from(unsigned gen, int src, V own) {
 // (build.py adds the call), so a read before the block wrote it does not see the last block's data.
 inline void poison_once(const void* p, size_t n) {
   Runtime& r = rt();
+  if (std::find(r.static_seen.begin(), r.static_seen.end(), p) == r.static_seen.end()) {
+    r.static_seen.push_back(p);  // a block's static + dynamic shared memory must fit the 48 KiB (no opt-in)
+    r.static_smem += n;
+    if (r.static_smem + r.dyn_smem.size() > kMaxDynamicSmem && r.violation == nullptr)
+      r.violation = "static + dynamic shared memory over 48 KiB";
+  }
   for (auto& e : r.poisoned) {
     if (e.first != p) continue;
     if (e.second != r.block_serial) {
@@ -254,6 +275,9 @@ inline void run_grid(const LaunchCfg& c, const char* kernel, std::function<void(
     return fail(cudaErrorInvalidConfiguration, kernel, "block of 0 or > 1024 threads, or empty grid");
   if (c.smem > kMaxDynamicSmem) return fail(cudaErrorInvalidValue, kernel, "dynamic shared memory over 48 KiB");
   r.violation = nullptr;  // (the last launch may have left one: it stopped at the first report)
+  r.kernel = kernel;
+  r.static_seen.clear();
+  r.static_smem = 0;
   r.block_dim = c.block;
   r.grid_dim = c.grid;
   r.body = std::move(body);
@@ -303,6 +327,11 @@ inline void run_grid(const LaunchCfg& c, const char* kernel, std::function<void(
     }
     if (r.violation != nullptr) return fail(cudaErrorLaunchFailure, kernel, r.violation);  // (cleared at launch)
   }
+  LaunchRecord& rec = r.launches[kernel];
+  ++rec.launches;
+  rec.max_threads = std::max(rec.max_threads, threads);
+  rec.max_dynamic_smem = std::max(rec.max_dynamic_smem, c.smem);
+  rec.max_static_smem = std::max(rec.max_static_smem, r.static_smem);
 }
 
 template <typename... P, typename... A>

@@ -1,9 +1,11 @@
 // Kernels that check the emulator itself (tests/test_cuda_emulated.py): that it reproduces CUDA's
-// warp intrinsics and barrier reductions, and that a missing barrier, a deadlock or a misused warp
-// intrinsic shows instead of passing silently.
+// warp intrinsics and barrier reductions, and that a missing barrier, a deadlock, a misused warp
+// intrinsic or more shared memory than a block may have shows instead of passing silently.
 #include "emu.h"
 
+#include <map>
 #include <string>
+#include <tuple>
 #include <vector>
 
 namespace {
@@ -94,8 +96,21 @@ std::pair<std::vector<int>, int> emu_selftest(const std::string& name, int threa
     partial_mask_kernel<<<1, threads>>>(out.data());
   } else if (name == "misaligned") {
     misaligned_kernel<<<1, threads>>>(in.data(), out.data());
+  } else if (name == "smem_fits" || name == "smem_over") {  // 4 KiB static + 44 KiB (+ 4 bytes) dynamic
+    const size_t dynamic = 44 * 1024 + (name == "smem_over" ? sizeof(int) : 0);
+    reverse_kernel<true><<<1, threads, dynamic>>>(in.data(), out.data());
   } else if (name == "deadlock") {
     deadlock_kernel<<<1, threads>>>(out.data());
   }
   return {out, static_cast<int>(cudaGetLastError())};
+}
+
+// Every kernel launched since the last call with clear = true: name -> (launches, most threads per
+// block, most dynamic and static shared memory bytes), for the resource check in the tests.
+std::map<std::string, std::tuple<uint64_t, unsigned, size_t, size_t>> emu_launch_log(bool clear) {
+  std::map<std::string, std::tuple<uint64_t, unsigned, size_t, size_t>> out;
+  for (const auto& [name, r] : ::emu::rt().launches)
+    out[name] = {r.launches, r.max_threads, r.max_dynamic_smem, r.max_static_smem};
+  if (clear) ::emu::rt().launches.clear();
+  return out;
 }

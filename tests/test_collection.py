@@ -156,6 +156,25 @@ def test_bad_inputs():
             model(bad)
     with pytest.raises(ValueError, match="weights"):
         TTEmbeddingBagCollection(tables, is_weighted=True)(good)
+    floats = KeyedJaggedTensor.from_lengths_sync(keys=keys, values=good.values().float(), lengths=good.lengths())
+    with pytest.raises(TypeError, match=r"values must be int32 or int64, got torch.float32"):
+        model(floats)  # (the dense tables' own error would name no table or feature)
+
+
+@pytest.mark.parametrize("feature,table", [("f3", "d1"), ("f2", "t0")])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weights_name_the_table(feature, table, bad):
+    # A dense table would pool a NaN weight silently; the TT op refuses it itself.
+    tables = make_tables()
+    model = TTEmbeddingBagCollection(tables, is_weighted=True)
+    lengths = torch.ones(5 * 2, dtype=torch.long)
+    keys = ["f0", "f1", "f2", "f3", "f4"]
+    weights = torch.ones(10)
+    weights[keys.index(feature) * 2 + 1] = bad
+    kjt = KeyedJaggedTensor.from_lengths_sync(keys=keys, values=torch.zeros(10, dtype=torch.long), lengths=lengths,
+                                              weights=weights)
+    with pytest.raises(ValueError, match=f"table '{table}'.*(NaN|infinit)"):
+        model(kjt)
 
 
 def test_cached_tables_read_like_uncached():

@@ -47,8 +47,8 @@ def check_kjt(features: KeyedJaggedTensor, feature_names: Sequence[str], is_weig
     """Validate a KJT before any lookup or collective, so every rank fails the same way.
 
     ``bounds`` maps a feature to ``(table name, num_embeddings, fatal)``; ids are range-checked only
-    where ``fatal`` (TT tables in warn/ignore mode drop bad ids in the op instead), and not at all for
-    features missing from it.
+    where ``fatal`` (TT tables in warn/ignore mode drop bad ids in the op instead), and neither ids nor
+    weights (NaN / infinity) at all for features missing from it (the TT op checks its own).
     """
     if not isinstance(features, KeyedJaggedTensor):
         raise TypeError(f"expected a KeyedJaggedTensor, got {type(features).__name__}")
@@ -64,6 +64,9 @@ def check_kjt(features: KeyedJaggedTensor, feature_names: Sequence[str], is_weig
     if len(set(keys)) != len(keys):
         raise ValueError(f"duplicate feature names in the KeyedJaggedTensor: {list(keys)}")
     values, lengths = features.values(), features.lengths()
+    for name, t in (("values", values), ("lengths", lengths)):  # (before a dense table's own, nameless error)
+        if t.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"KeyedJaggedTensor {name} must be int32 or int64, got {t.dtype} (features {list(keys)})")
     stride = features.stride()
     if lengths.numel() != stride * len(keys):
         raise ValueError(f"KeyedJaggedTensor lengths has {lengths.numel()} entries, expected "
@@ -78,8 +81,18 @@ def check_kjt(features: KeyedJaggedTensor, feature_names: Sequence[str], is_weig
     weights = features.weights_or_none()
     if is_weighted and weights is None:
         raise ValueError("this collection is weighted (is_weighted=True) but the KeyedJaggedTensor has no weights")
-    if weights is not None and is_weighted and weights.numel() != values.numel():
-        raise ValueError(f"KeyedJaggedTensor has {weights.numel()} weights for {values.numel()} values")
+    if weights is not None and is_weighted:
+        if weights.numel() != values.numel():
+            raise ValueError(f"KeyedJaggedTensor has {weights.numel()} weights for {values.numel()} values")
+        if not weights.is_floating_point():
+            raise TypeError(f"KeyedJaggedTensor weights must be floating point, got {weights.dtype}")
+        if values.numel() and not bool(torch.isfinite(weights).all()):  # a dense table would pool it silently
+            for key, segment in zip(keys, torch.split(weights, [int(n) for n in per_key])):
+                bad = ~torch.isfinite(segment)
+                if key in bounds and bool(bad.any()):  # (other features: TT tables, whose op says the same)
+                    pos = int(bad.nonzero()[0])
+                    raise ValueError(f"table '{bounds[key][0]}' (feature '{key}'): weight {float(segment[pos])} at "
+                                     f"position {pos} is NaN or infinite")
     if values.numel():
         for key, segment in zip(keys, torch.split(values, [int(n) for n in per_key])):
             table, n, fatal = bounds.get(key, ("", 0, False))

@@ -67,6 +67,13 @@ def check_kjt(features: KeyedJaggedTensor, feature_names: Sequence[str], is_weig
     for name, t in (("values", values), ("lengths", lengths)):  # (before a dense table's own, nameless error)
         if t.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"KeyedJaggedTensor {name} must be int32 or int64, got {t.dtype} (features {list(keys)})")
+    weights = features.weights_or_none()
+    if is_weighted and weights is None:
+        raise ValueError("this collection is weighted (is_weighted=True) but the KeyedJaggedTensor has no weights")
+    if weights is not None and is_weighted and not weights.is_floating_point():
+        raise TypeError(f"KeyedJaggedTensor weights must be floating point, got {weights.dtype}")
+    if torch.compiler.is_compiling():  # traced (torch.compile / torch.export): no value-dependent checks, as
+        return                         # the stock EBC; the TT op still checks its ids when the program runs
     stride = features.stride()
     if lengths.numel() != stride * len(keys):
         raise ValueError(f"KeyedJaggedTensor lengths has {lengths.numel()} entries, expected "
@@ -78,14 +85,9 @@ def check_kjt(features: KeyedJaggedTensor, feature_names: Sequence[str], is_weig
     if total != values.numel():
         raise ValueError(f"KeyedJaggedTensor lengths sum to {total} but there are {values.numel()} values "
                          f"(per feature: {dict(zip(keys, per_key))})")
-    weights = features.weights_or_none()
-    if is_weighted and weights is None:
-        raise ValueError("this collection is weighted (is_weighted=True) but the KeyedJaggedTensor has no weights")
     if weights is not None and is_weighted:
         if weights.numel() != values.numel():
             raise ValueError(f"KeyedJaggedTensor has {weights.numel()} weights for {values.numel()} values")
-        if not weights.is_floating_point():
-            raise TypeError(f"KeyedJaggedTensor weights must be floating point, got {weights.dtype}")
         if values.numel() and not bool(torch.isfinite(weights).all()):  # a dense table would pool it silently
             for key, segment in zip(keys, torch.split(weights, [int(n) for n in per_key])):
                 bad = ~torch.isfinite(segment)

@@ -38,6 +38,33 @@ def test_table_exports_with_dynamic_batch_and_runs_under_aot_inductor(tmp_path):
     torch.testing.assert_close(compiled(ids, offsets), table(ids, offsets))
 
 
+@pytest.mark.parametrize("optimizer", ["rowwise_adagrad", None])  # the cache's kernel path, its tensor-op path
+def test_cached_table_exports_its_trained_rows(optimizer):
+    # After training, a cached id's row lives in the cache (trained there, not yet written back to
+    # the cores): the exported program must read it from there, as eager eval does.
+    torch.manual_seed(0)
+    table = TTEmbeddingBag(1000, 8, tt_ranks=4, optimizer=optimizer, cache_rows=50, name="users")
+    opt = torch.optim.SGD(table.parameters(), lr=0.5) if optimizer is None else None
+    gen = torch.Generator().manual_seed(4)
+    for step in range(4):
+        table(torch.randint(0, 60, (64,), generator=gen), torch.arange(0, 64, 4)).square().sum().backward()
+        if opt is not None:
+            opt.step()
+            opt.zero_grad()
+        if step == 1:
+            table.refresh_cache()  # rows admitted, then trained for two steps
+    table.eval()
+    ids, offsets = batch(gen, 40, 8, n_rows=60)
+    program = torch.export.export(table, (ids, offsets), dynamic_shapes=({0: Dim("ids", min=2, max=1 << 20)},
+                                                                          {0: Dim("bags", min=2, max=1 << 16)}))
+    uncached = TTEmbeddingBag(1000, 8, tt_ranks=4, name="users").eval()
+    uncached.load_state_dict({k: v for k, v in table.state_dict().items() if k.startswith("cores")})
+    ids, offsets = batch(gen, 77, 9, n_rows=60)
+    out = program.module()(ids, offsets)
+    torch.testing.assert_close(out, table(ids, offsets), rtol=0, atol=0)
+    assert (out - uncached(ids, offsets)).abs().max() > 1e-3  # the cached rows did count
+
+
 def make_collection(weighted):
     tables = [
         EmbeddingBagConfig(name="country", embedding_dim=4, num_embeddings=30, feature_names=["country"]),

@@ -472,14 +472,22 @@ class TTRowCache(nn.Module):
         row instead of the TT chain and are trained in the same backward; nothing else in Python."""
         state = getattr(self, "optimizer_state", None)
         opt = table.optimizer
+        # .data: backward updates the rows without bumping the parameter's version (traced: a read only)
+        weight = self.weight.detach() if self._traced_inference() else self.weight.data
         out, where = ops.tt_cached_embedding_bag_fused(
-            table.core_list(), table.optimizer_state(), self.weight.data,
+            table.core_list(), table.optimizer_state(), weight,
             state if state is not None else self.weight.new_empty(0), self._map, self.trained, ids, offsets, psw,
             num_embeddings=table.num_embeddings, optimizer=opt.name, learning_rate=opt.learning_rate,
             eps=opt.eps, mode=table.mode, include_last_offset=include_last_offset,
             bounds_check_mode=table.bounds_check_mode, table_name=table.name)
-        self._count_in_kernel(ids.reshape(-1).long(), where)
+        if not self._traced_inference():
+            self._count_in_kernel(ids.reshape(-1).long(), where)
         return out
+
+    def _traced_inference(self) -> bool:
+        """An eval lookup traced by torch.export / torch.compile: the cache is read only, and its hit
+        statistics (a host-side count) are left out of the program."""
+        return not self.training and torch.compiler.is_compiling()
 
     @torch.no_grad()
     def _count_in_kernel(self, ids: torch.Tensor, where: torch.Tensor) -> None:
@@ -521,7 +529,8 @@ class TTRowCache(nn.Module):
         h_off = c_hit.index_select(0, off)
         m_off = off - h_off  # misses before each offset
         valid = (ids64 >= 0) & (ids64 < self.num_embeddings)
-        self._count(ids64, torch.where(valid, slots, -2))
+        if not self._traced_inference():
+            self._count(ids64, torch.where(valid, slots, -2))
         w = psw.reshape(-1) if psw is not None else None
         if table.mode == "mean":  # divide by the full bag size (valid ids), not by the part on each side
             c_val = torch.cat([zero, valid.cumsum(0)])

@@ -112,3 +112,31 @@ def test_collection_compiles_fullgraph_like_eager():
     # the structural checks are traced too: with fullgraph, Dynamo reports the error it met (its own type)
     with pytest.raises(Exception, match="values must be int32 or int64"):
         compiled(bad)
+
+
+def test_torchrec_int8_quantization_takes_the_dense_tables_and_keeps_tt_exact():
+    # torchrec.inference's quantize_embeddings swaps the dense child EBC for its int8 version; the TT
+    # tables (already 17-300x smaller) stay as they are.
+    import torchrec.quant.embedding_modules as quant
+    from torchrec.inference.modules import quantize_embeddings
+
+    class Model(torch.nn.Module):
+        def __init__(self, sparse):
+            super().__init__()
+            self.sparse = sparse
+
+        def forward(self, features):
+            return self.sparse(features)
+
+    model = Model(make_collection(False))
+    features = kjt(torch.Generator().manual_seed(5), 6, False)
+    ref = model(features)
+    quantized = quantize_embeddings(model, dtype=torch.qint8, inplace=False)
+    assert isinstance(quantized.sparse.dense, quant.EmbeddingBagCollection)
+    out = quantized(features)
+    assert out.keys() == ref.keys()
+    for key in ref.keys():
+        if key == "country":  # int8 rows: within the per-row quantisation step
+            torch.testing.assert_close(out[key], ref[key], rtol=0, atol=0.02)
+        else:
+            torch.testing.assert_close(out[key], ref[key], rtol=0, atol=0)

@@ -156,6 +156,11 @@ def test_bad_inputs():
             model(bad)
     with pytest.raises(ValueError, match="weights"):
         TTEmbeddingBagCollection(tables, is_weighted=True)(good)
+    vbe = KeyedJaggedTensor(keys=keys, values=torch.zeros(len(keys) + 1, dtype=torch.long),
+                            lengths=torch.ones(len(keys) + 1, dtype=torch.long),
+                            stride_per_key_per_rank=[[2]] + [[1]] * (len(keys) - 1))
+    with pytest.raises(ValueError, match=r"batch size per feature \(variable stride, VBE\) is not supported"):
+        model(vbe)
     floats = KeyedJaggedTensor.from_lengths_sync(keys=keys, values=good.values().float(), lengths=good.lengths())
     with pytest.raises(TypeError, match=r"values must be int32 or int64, got torch.float32"):
         model(floats)  # (the dense tables' own error would name no table or feature)

@@ -63,6 +63,9 @@ def check_kjt(features: KeyedJaggedTensor, feature_names: Sequence[str], is_weig
         raise ValueError(f"feature(s) {missing} missing from the KeyedJaggedTensor (got {list(keys)})")
     if len(set(keys)) != len(keys):
         raise ValueError(f"duplicate feature names in the KeyedJaggedTensor: {list(keys)}")
+    if features.variable_stride_per_key():
+        raise ValueError("KeyedJaggedTensor with a batch size per feature (variable stride, VBE) is not supported: "
+                         f"batch sizes {features.stride_per_key()} for {list(keys)}")
     values, lengths = features.values(), features.lengths()
     for name, t in (("values", values), ("lengths", lengths)):  # (before a dense table's own, nameless error)
         if t.dtype not in (torch.int32, torch.int64):

@@ -160,6 +160,33 @@ def test_resume_from_checkpoint_matches_uninterrupted(two_rank_run, tmp_path):
     assert _metrics(resumed["history"]) == _metrics(r0["history"])  # same evaluations at steps 5..20, bit for bit
 
 
+def test_export_serves_the_trained_model(two_rank_run, tmp_path):
+    """examples/dlrm/export.py: the 2-rank checkpoint (table-wise TT tables, sharded dense tables) in one
+    unsharded model, exported with a dynamic batch size and packaged by AOTInductor; the saved program's
+    held-out AUC is the one training reported at that step (so the trained weights, not fresh ones, were
+    loaded)."""
+    from torchmetrics.functional.classification import binary_auroc
+
+    from examples.dlrm import export
+    d, _, (r0, _) = two_rank_run
+    out = str(tmp_path / "model.pt2")
+    report = export.main([str(d / "ckpt"), "--out", out, "--check-batches", "2", "--batch-size", "64",
+                          "--aoti", str(tmp_path / "model_aoti.pt2")])
+    assert report["checkpoint"].endswith("step_0000020") and report["max_abs_logit_diff"] <= 1e-5
+    assert report["aoti_max_abs_logit_diff"] <= 1e-5  # the AOTInductor package (C++) serves the same logits
+    program = export.load_exported(out).module()
+    cardinalities = scale_cardinalities(KAGGLE_CARDINALITIES, 0.001)
+    logits, labels = [], []
+    for rank in range(2):  # train.py's held-out stream: eval seed, 4 batches of 128 per rank
+        held_out = SyntheticCriteo(128, cardinalities, seed=1_000_003, rank=rank, world_size=2)
+        for k in range(4):
+            b = held_out.batch(k)
+            logits.append(program(b.dense, b.sparse).squeeze(-1).detach())
+            labels.append(b.labels)
+    auc = float(binary_auroc(torch.sigmoid(torch.cat(logits)), torch.cat(labels).long()))
+    assert abs(auc - r0["auc"]) < 1e-4, (auc, r0["auc"])
+
+
 def test_cached_tt_tables_train_and_resume_exactly(tmp_path):
     """2 ranks, TT tables with hot-row caches (table-wise, refreshed every 4 steps): the caches are hit,
     and a run resumed from the step-8 checkpoint (caches included) matches the uninterrupted one."""

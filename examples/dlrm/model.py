@@ -1,11 +1,12 @@
 """Tables and model for the DLRM example: which tables are TT, the DLRM itself, and its byte counts."""
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence
+import dataclasses
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 from torchrec.models.dlrm import DLRM
-from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 
 from torchrec_tt.config import TTEmbeddingBagConfig
 from torchrec_tt.modules.tt_embedding_bag_collection import TTEmbeddingBagCollection
@@ -47,6 +48,33 @@ def make_dlrm(tables: List[EmbeddingBagConfig], dense_arch: Sequence[int], over_
     return DLRM(embedding_bag_collection=ebc, dense_in_features=NUM_DENSE,
                 dense_arch_layer_sizes=list(dense_arch) + [dim], over_arch_layer_sizes=list(over_arch) + [1],
                 dense_device=torch.device("cpu"))
+
+
+def model_record(tables: Sequence[EmbeddingBagConfig], dense_arch: Sequence[int], over_arch: Sequence[int]
+                 ) -> Dict[str, Any]:
+    """What rebuilds the model outside training (JSON; written next to each checkpoint): the tables as
+    trained (after ``--auto-compress`` too) and the MLP sizes. Inverse: ``model_from_record``."""
+    base = {f.name for f in dataclasses.fields(EmbeddingBagConfig)}
+    records = []
+    for t in tables:
+        r: Dict[str, Any] = {"name": t.name, "num_embeddings": t.num_embeddings, "embedding_dim": t.embedding_dim,
+                             "feature_names": list(t.feature_names), "pooling": t.pooling.name}
+        if isinstance(t, TTEmbeddingBagConfig):
+            r["tt"] = {f.name: getattr(t, f.name) for f in dataclasses.fields(t) if f.name not in base}
+            if dataclasses.is_dataclass(r["tt"]["optimizer"]):
+                r["tt"]["optimizer"] = dataclasses.asdict(r["tt"]["optimizer"])["name"]
+        records.append(r)
+    return {"tables": records, "dense_arch": list(dense_arch), "over_arch": list(over_arch)}
+
+
+def model_from_record(record: Dict[str, Any], device: torch.device = torch.device("cpu")) -> DLRM:
+    """The DLRM described by ``model_record``, its tables on ``device`` (initialised; load weights next)."""
+    tables: List[EmbeddingBagConfig] = []
+    for r in record["tables"]:
+        common = dict(name=r["name"], num_embeddings=r["num_embeddings"], embedding_dim=r["embedding_dim"],
+                      feature_names=r["feature_names"], pooling=PoolingType[r["pooling"]])
+        tables.append(TTEmbeddingBagConfig(**common, **r["tt"]) if "tt" in r else EmbeddingBagConfig(**common))
+    return make_dlrm(tables, record["dense_arch"], record["over_arch"], device=device)
 
 
 def size_report(model: DLRM) -> Dict[str, float]:

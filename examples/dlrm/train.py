@@ -47,7 +47,8 @@ from tqdm import tqdm  # noqa: E402
 
 from examples.dlrm.data import (KAGGLE_CARDINALITIES, TERABYTE_CARDINALITIES, Batch, CriteoTSV,  # noqa: E402
                                 SyntheticCriteo, _kjt, scale_cardinalities)
-from examples.dlrm.model import describe_tables, human_bytes, make_dlrm, make_tables, size_report  # noqa: E402
+from examples.dlrm.model import (describe_tables, human_bytes, make_dlrm, make_tables, model_record,  # noqa: E402
+                                 size_report)
 from torchrec_tt.config import TTEmbeddingBagConfig  # noqa: E402
 from torchrec_tt.distributed import get_sharders_and_planner  # noqa: E402
 from torchrec_tt.modules.tt_embedding_bag import TTEmbeddingBag  # noqa: E402
@@ -173,7 +174,9 @@ def optimizer_state(opt: CombinedOptimizer) -> Dict:
     return {k: v for k, v in opt.state_dict()["state"].items() if v}
 
 
-def save_checkpoint(ckpt_dir: str, step: int, dmp, opt, history: List[Dict]) -> str:
+def save_checkpoint(ckpt_dir: str, step: int, dmp, opt, history: List[Dict], record: Dict) -> str:
+    """DCP of the model, optimizer and step; with ``record`` (model.json: what rebuilds the model, for
+    examples/dlrm/export.py) and the history so far."""
     path = os.path.join(ckpt_dir, f"step_{step:07d}")
     dcp.save({"model": dmp.state_dict(), "optim": optimizer_state(opt), "progress": {"step": torch.tensor(step)}},
              checkpoint_id=path)
@@ -181,6 +184,8 @@ def save_checkpoint(ckpt_dir: str, step: int, dmp, opt, history: List[Dict]) -> 
     if dist.get_rank() == 0:  # "latest" moves only once every rank has written its shards
         with open(os.path.join(path, "history.json"), "w") as f:
             json.dump(history, f)
+        with open(os.path.join(path, "model.json"), "w") as f:
+            json.dump(record, f, indent=1)
         with open(os.path.join(ckpt_dir, "latest.tmp"), "w") as f:
             f.write(os.path.basename(path))
         os.replace(os.path.join(ckpt_dir, "latest.tmp"), os.path.join(ckpt_dir, "latest"))
@@ -313,8 +318,9 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     cardinalities = scale_cardinalities(base, args.scale_tables)
     torch.manual_seed(args.seed)
     tables = build_tables(args, cardinalities, world, device, rank)
-    model = make_dlrm(tables, [int(x) for x in args.dense_arch.split(",") if x],
-                      [int(x) for x in args.over_arch.split(",") if x])
+    dense_arch, over_arch = ([int(x) for x in a.split(",") if x] for a in (args.dense_arch, args.over_arch))
+    model = make_dlrm(tables, dense_arch, over_arch)
+    model_json = model_record(tables, dense_arch, over_arch)  # written next to each checkpoint
     sizes = size_report(model)
     say(f"DLRM: {world} rank(s) on {device.type}, batch {args.batch_size}/rank, tables:\n{describe_tables(model)}")
 
@@ -395,13 +401,13 @@ def main(argv: Optional[List[str]] = None) -> Dict:
             losses = []
         last = record
         if args.ckpt_dir and args.ckpt_every and step % args.ckpt_every == 0 and step < args.steps:
-            save_checkpoint(args.ckpt_dir, step, dmp, opt, history)
+            save_checkpoint(args.ckpt_dir, step, dmp, opt, history, model_json)
     bar.close()
     if has_eval and (not history or history[-1]["step"] != step):
         last = {"step": step, **evaluate(dmp, eval_stream(), device)}
         history.append(last)
     if args.ckpt_dir:
-        save_checkpoint(args.ckpt_dir, step, dmp, opt, history)
+        save_checkpoint(args.ckpt_dir, step, dmp, opt, history, model_json)
 
     final = history[-1] if history else (last or {})
     summary = {"steps": step, "world_size": world, "batch_size_per_rank": args.batch_size,

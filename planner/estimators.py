@@ -111,12 +111,18 @@ def tt_cache_rows(config: Any) -> int:
     except ImportError:  # pragma: no cover - cache module absent: count cache_rows only
         return rows
     opt = config.fused_optimizer_config() if hasattr(config, "fused_optimizer_config") else None
-    return resolve_cache_rows(config.name, config.num_embeddings, config.embedding_dim, _FP32,
+    return resolve_cache_rows(config.name, config.num_embeddings, config.embedding_dim, _element_bytes(config),
                               opt.name if opt is not None else None, rows, fraction, nbytes)
 
 
+def _element_bytes(config: Any) -> int:
+    """Bytes per core / cached-row element: the config's ``data_type`` (FP32, FP16, BF16); optimizer
+    state stays fp32 whatever the cores."""
+    return config.core_dtype().itemsize if hasattr(config, "core_dtype") else _FP32
+
+
 def tt_cache_bytes(config: Any, candidate_factor: float = 4.0) -> int:
-    """Resident bytes of the hot-row cache (``TTRowCache`` layout): fp32 rows + their fused optimizer
+    """Resident bytes of the hot-row cache (``TTRowCache`` layout): rows (the cores' dtype) + their fused optimizer
     state + slot ids, trained flags and float64 hit counters (17 B a row) + the frequency tracker of
     ``candidate_factor`` x R candidates (ids, counts, pending ids, steps: 32 B each) + 72 B of counters,
     plus the derived id -> slot hash map: ``2^(ceil(log2 R) + 1)`` (>= 2R) entries of 8 B."""
@@ -127,7 +133,7 @@ def tt_cache_bytes(config: Any, candidate_factor: float = 4.0) -> int:
     dim = config.embedding_dim
     state = {"adagrad": rows * dim * _FP32, "rowwise_adagrad": rows * _FP32}.get(opt.name if opt else "", 0)
     candidates = max(rows, int(candidate_factor * rows))
-    persistent = rows * dim * _FP32 + state + rows * (_INDEX_BYTES + 1 + 8) + candidates * 4 * _INDEX_BYTES + 72
+    persistent = rows * dim * _element_bytes(config) + state + rows * (_INDEX_BYTES + 1 + 8) + candidates * 4 * _INDEX_BYTES + 72
     return persistent + (1 << ((rows - 1).bit_length() + 1)) * _INDEX_BYTES
 
 
@@ -135,14 +141,15 @@ def tt_table_bytes(config: TTEmbeddingBagConfig, autograd_optimizer_factor: floa
     """Bytes of a whole TT table. With ``optimizer=None`` the cores get dense gradients and the user's
     torch optimizer keeps ``autograd_optimizer_factor`` x cores of state (0 SGD, 1 Adagrad, 2 Adam)."""
     p, q, ranks = tt_geometry(config)
-    cores = tt_num_parameters(p, q, ranks) * _FP32
+    numel, elem = tt_num_parameters(p, q, ranks), _element_bytes(config)
+    cores = numel * elem
     opt = config.fused_optimizer_config()
     if opt is None:  # the cached rows are a parameter too: dense gradients (and torch-optimizer state)
-        grad_bytes = cores + tt_cache_rows(config) * config.embedding_dim * _FP32
+        grad_bytes = cores + tt_cache_rows(config) * config.embedding_dim * elem
         optimizer, grads = int(grad_bytes * autograd_optimizer_factor), grad_bytes
     else:
         grads = 0
-        optimizer = {"adagrad": cores, "rowwise_adagrad": sum(p) * _FP32}.get(opt.name, 0)
+        optimizer = {"adagrad": numel * _FP32, "rowwise_adagrad": sum(p) * _FP32}.get(opt.name, 0)
     return TableBytes(weights=cores, optimizer=optimizer, grads=grads, cache=tt_cache_bytes(config))
 
 

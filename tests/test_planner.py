@@ -184,6 +184,33 @@ def test_cache_bytes_match_module(opt):
     assert b.grads == (sum(p.numel() * 4 for p in m.parameters()) if opt is None else 0)
 
 
+@pytest.mark.parametrize("data_type", ["FP16", "BF16"])
+@pytest.mark.parametrize("opt", [None, "adagrad", "rowwise_adagrad"])
+def test_half_core_bytes_match_module(data_type, opt):
+    """data_type FP16 / BF16 halves the cores and cached rows, not the fp32 optimizer state."""
+    from torchrec.modules.embedding_configs import DataType
+    from torchrec_tt.config import TTEmbeddingBagConfig
+    from torchrec_tt.modules.tt_embedding_bag_collection import tt_module_from_config
+    from torchrec_tt.planner.estimators import tt_table_bytes
+    c = TTEmbeddingBagConfig(name="t", embedding_dim=16, num_embeddings=10_000, feature_names=["f"], tt_ranks=6,
+                             optimizer=opt, cache_rows=300, data_type=DataType[data_type])
+    m = tt_module_from_config(c)
+    assert m.cores[0].element_size() == 2 and m.cache.weight.element_size() == 2
+    b = tt_table_bytes(c)
+    assert b.weights == m.tt_bytes(False) and b.weights + b.optimizer == m.tt_bytes(True)
+    persistent = sum(t.numel() * t.element_size() for t in m.state_dict().values())
+    assert persistent <= b.state <= persistent + 2 * 300 * 2 * 8  # + the id -> slot map (at most 4 x 300 entries)
+    assert b.grads == (sum(p.numel() * 2 for p in m.parameters()) if opt is None else 0)
+
+
+def test_tt_config_data_type():
+    from torchrec.modules.embedding_configs import DataType
+    from torchrec_tt.config import TTEmbeddingBagConfig
+    with pytest.raises(ValueError, match="table 'u': TT cores take data_type FP32, FP16 or BF16, got INT8"):
+        TTEmbeddingBagConfig(name="u", embedding_dim=8, num_embeddings=100, feature_names=["u"],
+                             data_type=DataType.INT8)
+
+
 def test_perf_estimator_flops_and_comms():
     from torchrec.distributed.planner.enumerators import EmbeddingEnumerator
     from torchrec_tt.config import TTEmbeddingBagConfig

@@ -4,11 +4,14 @@ from __future__ import annotations
 import dataclasses
 from typing import List, Optional, Union
 
-from torchrec.modules.embedding_configs import EmbeddingBagConfig
+import torch
+from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig
 
 from .modules.tt_embedding_bag import FusedOptimizerConfig
 
 __all__ = ["TTEmbeddingBagConfig", "is_tt_config"]
+
+_CORE_DTYPES = {DataType.FP32: torch.float32, DataType.FP16: torch.float16, DataType.BF16: torch.bfloat16}
 
 
 @dataclasses.dataclass
@@ -16,7 +19,9 @@ class TTEmbeddingBagConfig(EmbeddingBagConfig):
     """Table config for a TT-compressed table in a ``TTEmbeddingBagCollection``.
 
     All ``EmbeddingBagConfig`` fields keep their meaning (``num_embeddings``, ``embedding_dim``,
-    ``name``, ``feature_names``, ``pooling``: SUM or MEAN). The TT fields (all defaulted):
+    ``name``, ``feature_names``, ``pooling``: SUM or MEAN; ``data_type``: the cores' dtype, FP32 or
+    FP16 / BF16, which the CUDA kernels take with fp32 accumulation and fp32 optimizer state; the CPU
+    kernels take FP32 only). The TT fields (all defaulted):
 
     - ``tt_ranks``: inner TT ranks, an int for all or ``d - 1`` ints.
     - ``tt_p_shapes`` / ``tt_q_shapes``: row / column factorisations (chosen balanced when ``None``;
@@ -47,6 +52,16 @@ class TTEmbeddingBagConfig(EmbeddingBagConfig):
     cache_bytes: Optional[int] = None
     cache_refresh_interval: int = 1000
     cache_decay: float = 0.999
+
+    def __post_init__(self) -> None:
+        self.core_dtype()  # a data_type TT cores cannot have fails here, naming the table
+
+    def core_dtype(self) -> torch.dtype:
+        """``data_type`` as the dtype of the cores (and of the hot-row cache rows)."""
+        if self.data_type not in _CORE_DTYPES:
+            raise ValueError(f"table '{self.name}': TT cores take data_type FP32, FP16 or BF16, got "
+                             f"{self.data_type.name}")
+        return _CORE_DTYPES[self.data_type]
 
     def cache_kwargs(self) -> dict:
         """The hot-row cache arguments of ``TTEmbeddingBag``."""

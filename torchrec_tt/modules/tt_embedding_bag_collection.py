@@ -27,7 +27,7 @@ def tt_module_from_config(config: TTEmbeddingBagConfig, device: Optional[torch.d
         num_cores=config.num_cores, mode=_POOLING[config.pooling], include_last_offset=True,
         weights_init=config.weights_init, optimizer=config.fused_optimizer_config(),
         bounds_check_mode=config.bounds_check_mode, name=config.name, device=device,
-        dtype=torch.float32, **config.cache_kwargs())
+        dtype=config.core_dtype(), **config.cache_kwargs())
     mark_in_backward(table)
     return table
 

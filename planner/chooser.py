@@ -25,7 +25,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from torchrec.distributed.planner.types import ParameterConstraints, PlannerError, Topology
 from torchrec.distributed.types import ShardingPlan
-from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, data_type_to_dtype
 
 from torchrec_tt.config import TTEmbeddingBagConfig
 
@@ -60,7 +60,7 @@ def to_tt_config(table: EmbeddingBagConfig, rank: int, **tt_fields: Any) -> TTEm
 
 
 def _dense_bytes(t: EmbeddingBagConfig) -> int:
-    return dense_table_bytes(t.num_embeddings, t.embedding_dim).weights
+    return dense_table_bytes(t.num_embeddings, t.embedding_dim, data_type_to_dtype(t.data_type).itemsize).weights
 
 
 def _rank_cap(t: EmbeddingBagConfig, min_rank: int, max_rank: int, tt_fields: Dict[str, Any],

@@ -209,6 +209,9 @@ def test_tt_config_data_type():
     with pytest.raises(ValueError, match="table 'u': TT cores take data_type FP32, FP16 or BF16, got INT8"):
         TTEmbeddingBagConfig(name="u", embedding_dim=8, num_embeddings=100, feature_names=["u"],
                              data_type=DataType.INT8)
+    with pytest.raises(ValueError, match=r"table 'u': TT tables do not support \{'use_virtual_table': True\}"):
+        TTEmbeddingBagConfig(name="u", embedding_dim=8, num_embeddings=100, feature_names=["u"],
+                             use_virtual_table=True)
 
 
 def test_perf_estimator_flops_and_comms():

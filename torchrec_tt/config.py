@@ -12,6 +12,9 @@ from .modules.tt_embedding_bag import FusedOptimizerConfig
 __all__ = ["TTEmbeddingBagConfig", "is_tt_config"]
 
 _CORE_DTYPES = {DataType.FP32: torch.float32, DataType.FP16: torch.float16, DataType.BF16: torch.bfloat16}
+# EmbeddingBagConfig features with no TT meaning yet: refused rather than ignored (field -> its default)
+_UNSUPPORTED = {"need_pos": False, "num_embeddings_post_pruning": None, "total_num_buckets": None,
+                "use_virtual_table": False, "virtual_table_eviction_policy": None, "enable_embedding_update": False}
 
 
 @dataclasses.dataclass
@@ -35,6 +38,9 @@ class TTEmbeddingBagConfig(EmbeddingBagConfig):
       that fraction of ``num_embeddings``, or as many rows as fit the byte budget (default: no cache);
       ``cache_refresh_interval`` / ``cache_decay``: see ``torchrec_tt.modules.cache``.
 
+    ``init_fn`` / ``weight_init_min`` / ``weight_init_max`` (dense-row initialisation) do not apply: the
+    cores are initialised by ``weights_init``. Pruning, virtual tables, positions and bucketing are refused.
+
     Plain ``EmbeddingBagConfig`` entries in the same collection stay dense.
     """
 
@@ -55,6 +61,9 @@ class TTEmbeddingBagConfig(EmbeddingBagConfig):
 
     def __post_init__(self) -> None:
         self.core_dtype()  # a data_type TT cores cannot have fails here, naming the table
+        unsupported = {f: getattr(self, f) for f, default in _UNSUPPORTED.items() if getattr(self, f) != default}
+        if unsupported:
+            raise ValueError(f"table '{self.name}': TT tables do not support {unsupported}")
 
     def core_dtype(self) -> torch.dtype:
         """``data_type`` as the dtype of the cores (and of the hot-row cache rows)."""

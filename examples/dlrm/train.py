@@ -308,6 +308,9 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     # library deprecation chatter hides what matters here (our own warnings, e.g. corrupt lines, stay)
     warnings.filterwarnings("ignore", module=r"(torch|torchrec|fbgemm_gpu)\b")
     logging.getLogger("torchrec").setLevel(logging.ERROR)
+    logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)  # an API note torchrec's calls trigger
+    # TorchRec's plan check logs this (root logger) for every data-parallel table, which has no spec by design
+    logging.getLogger().addFilter(lambda r: not r.getMessage().startswith("Sharding spec not found for"))
     device = init_distributed(args.device)
     rank, world = dist.get_rank(), dist.get_world_size()
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))

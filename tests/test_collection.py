@@ -200,3 +200,27 @@ def test_cached_tables_read_like_uncached():
     kjt = random_kjt(tables, 8, False, g)
     with torch.no_grad():
         torch.testing.assert_close(model(kjt).values(), plain(kjt).values())
+
+
+@pytest.mark.parametrize("data_type", ["FP16", "BF16"])
+def test_half_data_type_tables_train_on_cpu(data_type):
+    # data_type FP16 / BF16: half cores (and fp32 optimizer state) computed in fp32 by the CPU op: the
+    # output is the FP32 table's on the same rounded cores, rounded once; a fused step stays close.
+    from torchrec.modules.embedding_configs import DataType
+    kw = dict(name="u", embedding_dim=8, num_embeddings=500, feature_names=["u"], tt_ranks=4,
+              optimizer="rowwise_adagrad", learning_rate=0.1)
+    half = TTEmbeddingBagCollection([TTEmbeddingBagConfig(**kw, data_type=DataType[data_type])])
+    full = TTEmbeddingBagCollection([TTEmbeddingBagConfig(**kw)])
+    with torch.no_grad():
+        for a, b in zip(full.tt_tables["u"].cores, half.tt_tables["u"].cores):
+            a.copy_(b.float())
+    kjt = random_kjt([TTEmbeddingBagConfig(**kw)], 16, False, torch.Generator().manual_seed(0))
+    out_half, out_full = half(kjt).values(), full(kjt).values()
+    assert out_half.dtype == {"FP16": torch.float16, "BF16": torch.bfloat16}[data_type]
+    assert torch.equal(out_half, out_full.to(out_half.dtype))
+    out_half.float().square().sum().backward()
+    out_full.square().sum().backward()
+    tol = 2e-3 if data_type == "FP16" else 2e-2
+    for a, b in zip(half.tt_tables["u"].cores, full.tt_tables["u"].cores):
+        assert a.dtype == out_half.dtype
+        torch.testing.assert_close(a.float(), b.detach(), rtol=tol, atol=tol)

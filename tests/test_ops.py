@@ -144,6 +144,43 @@ def test_float32_matches_float64():
     torch.testing.assert_close(out32, out64.float(), rtol=1e-5, atol=1e-5)
 
 
+@settings(max_examples=40, deadline=None)
+@given(tt_batches(), st.sampled_from([torch.float16, torch.bfloat16]),
+       st.sampled_from(["sgd", "adagrad", "rowwise_adagrad"]))
+def test_half_cores_on_cpu_compute_in_fp32(b, dtype, name):
+    """float16 / bfloat16 cores on CPU: the op computes on fp32 copies, so every result is the float32
+    op's on the same (rounded) cores, rounded once to the cores' dtype: output, dense gradients and a fused
+    step (fp32 optimizer state), bitwise. And within half-precision error of the float64 reference."""
+    ids, offsets, psw = make_inputs(b)
+    pooling = 1 if b["mode"] == "mean" else 0
+    half = [c.to(dtype) for c in random_cores(b["p"], b["q"], b["ranks"], seed=b["seed"])]
+    full = [c.float() for c in half]
+    w16, w32 = (None, None) if psw is None else (psw.to(dtype), psw.to(dtype).float())
+    args = (ids, offsets)
+    tail = (b["n_rows"], pooling, b["include_last"])
+    out = OPS.tt_embedding_bag(half, *args, w16, *tail, 0, "t")
+    ref32 = OPS.tt_embedding_bag(full, *args, w32, *tail, 0, "t")
+    assert out.dtype == dtype and torch.equal(out, ref32.to(dtype))
+    ref64 = tt_embedding_bag_reference([c.double() for c in full], ids, offsets,
+                                       None if w32 is None else w32.double(), b["mode"], b["include_last"])
+    tol = 1e-2 if dtype == torch.float16 else 6e-2  # one rounding of each output to the cores' dtype
+    torch.testing.assert_close(out.double(), ref64, rtol=tol, atol=tol)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    g16, pg16 = OPS.tt_embedding_bag_backward(grad, half, *args, w16, *tail, psw is not None, "t")
+    g32, pg32 = OPS.tt_embedding_bag_backward(grad.float(), full, *args, w32, *tail, psw is not None, "t")
+    assert all(torch.equal(a, c.to(dtype)) for a, c in zip(g16, g32)) and torch.equal(pg16, pg32.to(dtype))
+    state = [torch.rand(c.shape[0]) if name == "rowwise_adagrad" else torch.rand(c.shape) if name == "adagrad"
+             else torch.empty(0) for c in half]
+    s16, s32 = [x.clone() for x in state], [x.clone() for x in state]
+    c16, c32 = [c.clone() for c in half], [c.clone() for c in full]
+    OPS.tt_embedding_bag_backward_fused_(grad, c16, s16 if name != "sgd" else [], *args, w16, *tail, name, 0.1,
+                                         1e-6, "t")
+    OPS.tt_embedding_bag_backward_fused_(grad.float(), c32, s32 if name != "sgd" else [], *args, w32, *tail, name,
+                                         0.1, 1e-6, "t")
+    assert all(torch.equal(a, c.to(dtype)) for a, c in zip(c16, c32))
+    assert all(torch.equal(a, c) for a, c in zip(s16, s32))
+
+
 def test_result_independent_of_thread_count():
     p, q, ranks = [20, 20, 20], [2, 2, 4], [1, 8, 8, 1]
     cores = [c.float().requires_grad_() for c in random_cores(p, q, ranks)]
@@ -368,9 +405,9 @@ def test_bad_input_raises_and_leaves_state_untouched(case, change, exc, msg, opt
         assert torch.equal(v, before[k]), k
 
 
-def test_half_cores_on_cpu_are_rejected_by_name():
-    cores = [c.half() for c in random_cores([4, 4], [2, 2], [1, 2, 1])]
-    with pytest.raises(TypeError, match=r"table 't': CPU kernels take float32 or float64 cores, got Half"):
+def test_integer_cores_are_rejected_by_name():
+    cores = [c.to(torch.int32) for c in random_cores([4, 4], [2, 2], [1, 2, 1])]
+    with pytest.raises(TypeError, match=r"table 't': cores must be floating point, got Int"):
         ops.tt_embedding_bag(cores, torch.tensor([1]), torch.tensor([0]), num_embeddings=16, table_name="t")
 
 

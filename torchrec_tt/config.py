@@ -23,8 +23,7 @@ class TTEmbeddingBagConfig(EmbeddingBagConfig):
 
     All ``EmbeddingBagConfig`` fields keep their meaning (``num_embeddings``, ``embedding_dim``,
     ``name``, ``feature_names``, ``pooling``: SUM or MEAN; ``data_type``: the cores' dtype, FP32 or
-    FP16 / BF16, which the CUDA kernels take with fp32 accumulation and fp32 optimizer state; the CPU
-    kernels take FP32 only). The TT fields (all defaulted):
+    FP16 / BF16, computed in fp32 with fp32 optimizer state). The TT fields (all defaulted):
 
     - ``tt_ranks``: inner TT ranks, an int for all or ``d - 1`` ints.
     - ``tt_p_shapes`` / ``tt_q_shapes``: row / column factorisations (chosen balanced when ``None``;

@@ -280,9 +280,9 @@ Args prepare(const std::string& table, at::TensorList cores, const at::Tensor& i
   a.shape = check_tt_args(table, cores, indices, offsets, psw, num_embeddings, pooling_mode, include_last_offset,
                           bounds_check_mode);
   TT_CHECK(cores[0].device().is_cpu(), VALUE, table, "CPU kernel called with cores on ", cores[0].device());
-  TT_CHECK(cores[0].scalar_type() == at::kFloat || cores[0].scalar_type() == at::kDouble, TYPE, table,
-           "CPU kernels take float32 or float64 cores, got ", cores[0].scalar_type(),
-           " (half/bfloat16 cores are supported on CUDA)");
+  const auto dtype = cores[0].scalar_type();
+  TT_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16, TYPE, table,
+           "CPU kernels take float32, float64, float16 or bfloat16 cores, got ", dtype);
   const auto key = [&] {
     return PlanKey(indices, offsets, psw, cores[0], cache_map, num_embeddings, include_last_offset);
   };
@@ -318,17 +318,43 @@ CacheMap cache_map_of(const at::Tensor& map, const at::Tensor& cache_weight) {
 
 constexpr auto kNoCachedRows = [](int64_t, const void*) {};
 
+// float16 / bfloat16 cores (and the tensors that share their dtype) as float32 copies: the kernels
+// compute in fp32, as the CUDA kernels accumulate, and a fused step writes its fp32 result back
+// rounded once. TT cores are small (that is the point of them), so a copy per call costs little
+// next to the lookup; float32 / float64 tensors are used as they are.
+struct Fp32View {
+  bool converted;
+  std::vector<at::Tensor> cores;
+  std::optional<at::Tensor> psw;
+  at::Tensor extra;  // grad_output or the cache rows, when a call has one (converted likewise)
+
+  Fp32View(at::TensorList original, const std::optional<at::Tensor>& w, const at::Tensor& x = at::Tensor())
+      : converted(at::isReducedFloatingType(original[0].scalar_type())) {
+    const auto up = [&](const at::Tensor& t) { return converted && t.defined() ? t.to(at::kFloat) : t; };
+    for (const auto& c : original) cores.push_back(up(c));
+    if (w.has_value()) psw = up(*w);
+    extra = up(x);
+  }
+  at::Tensor down(const at::Tensor& t, const at::Tensor& like) const { return converted ? t.to(like.dtype()) : t; }
+  // After a fused step: the updated cores back into the caller's tensors.
+  void write_back(at::TensorList original) const {
+    if (!converted) return;
+    for (size_t k = 0; k < cores.size(); ++k) original[k].copy_(cores[k]);
+  }
+};
+
 at::Tensor tt_embedding_bag(at::TensorList cores, const at::Tensor& indices, const at::Tensor& offsets,
                             const std::optional<at::Tensor>& psw, int64_t num_embeddings, int64_t pooling_mode,
                             bool include_last_offset, int64_t bounds_check_mode, c10::string_view table_name) {
   const std::string table(table_name);
   const auto a = prepare(table, cores, indices, offsets, psw, num_embeddings, pooling_mode, include_last_offset,
                          bounds_check_mode, false);
+  const Fp32View f(cores, psw);
   at::Tensor out;
-  AT_DISPATCH_FLOATING_TYPES(cores[0].scalar_type(), "tt_embedding_bag_cpu", [&] {
-    out = forward_impl<scalar_t>(a.shape, *a.plan, cores, psw, pooling_mode == 1, a.saved.get());
+  AT_DISPATCH_FLOATING_TYPES(f.cores[0].scalar_type(), "tt_embedding_bag_cpu", [&] {
+    out = forward_impl<scalar_t>(a.shape, *a.plan, f.cores, f.psw, pooling_mode == 1, a.saved.get());
   });
-  return out;
+  return f.down(out, cores[0]);
 }
 
 std::tuple<std::vector<at::Tensor>, at::Tensor> tt_embedding_bag_backward(
@@ -340,14 +366,15 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> tt_embedding_bag_backward(
                          0, true);
   check_grad_output(table, grad_output, a.plan->num_bags, a.shape, cores[0]);
   TT_CHECK(!psw_grad || psw.has_value(), VALUE, table, "per_sample_weights_grad needs per_sample_weights");
+  const Fp32View f(cores, psw, grad_output);
   std::vector<at::Tensor> grads;
-  for (const auto& c : cores) grads.push_back(at::zeros_like(c));
-  at::Tensor grad_psw = psw_grad ? at::zeros_like(*psw) : at::empty({0}, cores[0].options());
-  AT_DISPATCH_FLOATING_TYPES(cores[0].scalar_type(), "tt_embedding_bag_backward_cpu", [&] {
+  for (const auto& c : f.cores) grads.push_back(at::zeros_like(c));
+  at::Tensor grad_psw = psw_grad ? at::zeros_like(*f.psw) : at::empty({0}, f.cores[0].options());
+  AT_DISPATCH_FLOATING_TYPES(f.cores[0].scalar_type(), "tt_embedding_bag_backward_cpu", [&] {
     std::vector<scalar_t*> gp;
     for (auto& t : grads) gp.push_back(t.data_ptr<scalar_t>());
     backward_impl<scalar_t>(
-        a.shape, *a.plan, cores, grad_output, psw, pooling_mode == 1,
+        a.shape, *a.plan, f.cores, f.extra, f.psw, pooling_mode == 1,
         psw_grad ? grad_psw.data_ptr<scalar_t>() : nullptr,
         [&](int64_t k, int64_t v, const scalar_t* gs) {
           const int64_t n = a.shape.slice_numel(k);
@@ -355,7 +382,8 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> tt_embedding_bag_backward(
         },
         nullptr, kNoCachedRows, a.saved.get());
   });
-  return {grads, grad_psw};
+  for (auto& g : grads) g = f.down(g, cores[0]);
+  return {grads, f.down(grad_psw, cores[0])};
 }
 
 // Fused backward over a plan: the optimizer step on every touched core slice and, with a cache, on
@@ -402,10 +430,12 @@ void tt_embedding_bag_backward_fused_(const at::Tensor& grad_output, at::TensorL
                          0, true);
   check_grad_output(table, grad_output, a.plan->num_bags, a.shape, cores[0]);
   check_optimizer_state(table, opt, cores, optimizer_state, learning_rate, eps);
-  AT_DISPATCH_FLOATING_TYPES(cores[0].scalar_type(), "tt_embedding_bag_backward_fused_cpu", [&] {
-    fused_backward<scalar_t>(a, opt, cores, optimizer_state, grad_output, psw, pooling_mode == 1, learning_rate,
+  const Fp32View f(cores, psw, grad_output);
+  AT_DISPATCH_FLOATING_TYPES(f.cores[0].scalar_type(), "tt_embedding_bag_backward_fused_cpu", [&] {
+    fused_backward<scalar_t>(a, opt, f.cores, optimizer_state, f.extra, f.psw, pooling_mode == 1, learning_rate,
                              eps);
   });
+  f.write_back(cores);
 }
 
 // ---- hot-row cache: cached ids read (and train) an uncompressed row instead of the TT chain ----
@@ -424,11 +454,13 @@ std::tuple<at::Tensor, at::Tensor> tt_cached_embedding_bag_fused(
   const auto cache = cache_map_of(cache_map, cache_weight);
   const auto a = prepare(table, cores, indices, offsets, psw, num_embeddings, pooling_mode, include_last_offset,
                          bounds_check_mode, false, &cache, &cache_map);
+  const Fp32View f(cores, psw, cache_weight);
   at::Tensor out;
-  AT_DISPATCH_FLOATING_TYPES(cores[0].scalar_type(), "tt_cached_embedding_bag_cpu", [&] {
-    out = forward_impl<scalar_t>(a.shape, *a.plan, cores, psw, pooling_mode == 1, a.saved.get(),
-                                 cache_weight.data_ptr<scalar_t>());
+  AT_DISPATCH_FLOATING_TYPES(f.cores[0].scalar_type(), "tt_cached_embedding_bag_cpu", [&] {
+    out = forward_impl<scalar_t>(a.shape, *a.plan, f.cores, f.psw, pooling_mode == 1, a.saved.get(),
+                                 f.extra.data_ptr<scalar_t>());
   });
+  out = f.down(out, cores[0]);
   // where each id went: its cache slot, -1 rebuilt from the cores, -2 dropped (out of range)
   auto where = at::empty({indices.numel()}, indices.options().dtype(at::kLong));
   int64_t* w = where.data_ptr<int64_t>();
@@ -454,12 +486,16 @@ void tt_cached_embedding_bag_backward_fused_(
                          0, true, &cache, &cache_map);
   check_grad_output(table, grad_output, a.plan->num_bags, a.shape, cores[0]);
   check_optimizer_state(table, opt, cores, optimizer_state, learning_rate, eps);
-  AT_DISPATCH_FLOATING_TYPES(cores[0].scalar_type(), "tt_cached_embedding_bag_backward_fused_cpu", [&] {
-    fused_backward<scalar_t>(a, opt, cores, optimizer_state, grad_output, psw, pooling_mode == 1, learning_rate,
-                             eps, cache_weight.data_ptr<scalar_t>(),
+  const Fp32View f(cores, psw, grad_output);
+  const at::Tensor rows = f.converted ? cache_weight.to(at::kFloat) : cache_weight;
+  AT_DISPATCH_FLOATING_TYPES(f.cores[0].scalar_type(), "tt_cached_embedding_bag_backward_fused_cpu", [&] {
+    fused_backward<scalar_t>(a, opt, f.cores, optimizer_state, f.extra, f.psw, pooling_mode == 1, learning_rate,
+                             eps, rows.data_ptr<scalar_t>(),
                              opt == FusedOptimizer::kSgd ? nullptr : cache_state.data_ptr<scalar_t>(),
                              cache_trained.data_ptr<bool>());
   });
+  f.write_back(cores);
+  if (f.converted) cache_weight.copy_(rows);
 }
 
 }  // namespace

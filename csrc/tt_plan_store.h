@@ -39,6 +39,8 @@ struct PlanKey {
 struct SavedBatch {
   std::shared_ptr<const cpu::TTPlan> plan;
   std::vector<at::Tensor> partials;
+  // float16 / bfloat16 cores on CPU: forward's fp32 copies of the cores, which its backward reuses
+  std::vector<at::Tensor> fp32_cores;
   at::Tensor device_workspace;
   // The CUDA forward's validation record of this batch (error / warn mode, or folded into the
   // small-batch plan kernel; else undefined): backward takes it as its guard instead of validating again.

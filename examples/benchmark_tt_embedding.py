@@ -135,6 +135,13 @@ def main() -> None:
     res["tt_ms"] = median_ms(lambda: table(ids, offsets).backward(grad), args.iters)
     res["tt_bytes"] = table.tt_bytes()
     assert all(torch.isfinite(c).all() for c in table.cores), "cores diverged during timing"
+    for tag, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):  # half cores: fp32 copies per call
+        half = TTEmbeddingBag(args.rows, args.dim, args.rank, args.p, args.q, include_last_offset=True,
+                              optimizer="sgd", name="kaggle_c3", dtype=dtype)
+        half.load_state_dict(table.state_dict())  # the same cores, rounded
+        half.optimizer.learning_rate = lr
+        res[f"tt_{tag}_ms"] = median_ms(lambda: half(ids, offsets).backward(grad.to(dtype)), args.iters)
+        res[f"tt_{tag}_bytes"] = half.tt_bytes()
     if not args.no_tbe:
         res["tbe_ms"], res["tbe_bytes"] = bench_tbe(args.rows, args.dim, ids, offsets, lr, args.iters)
         res["tt_vs_tbe"] = res["tt_ms"] / res["tbe_ms"]
@@ -149,7 +156,9 @@ def main() -> None:
 
     print(f"{args.rows:,} x {args.dim}, p={args.p} q={args.q} R={args.rank}, batch {args.batch} Zipf({args.alpha}),"
           f" {unique} unique ids, {args.threads} threads")
-    rows = [("torchrec_tt fused SGD", res["tt_ms"], res["tt_bytes"])]
+    rows = [("torchrec_tt fused SGD", res["tt_ms"], res["tt_bytes"]),
+            ("  the same, bf16 cores", res["tt_bf16_ms"], res["tt_bf16_bytes"]),
+            ("  the same, fp16 cores", res["tt_fp16_ms"], res["tt_fp16_bytes"])]
     if "tbe_ms" in res:
         rows.append(("FBGEMM TBE dense EXACT_SGD", res["tbe_ms"], res["tbe_bytes"]))
     rows += [("naive PyTorch TT (autograd)", res["naive_ms"], res["naive_bytes"]),

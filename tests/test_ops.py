@@ -181,6 +181,30 @@ def test_half_cores_on_cpu_compute_in_fp32(b, dtype, name):
     assert all(torch.equal(a, c) for a, c in zip(s16, s32))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("optimizer", [None, "adagrad", "rowwise_adagrad"])
+def test_half_table_step_is_the_fp32_step_rounded(dtype, optimizer):
+    # Through autograd, where backward reuses forward's fp32 copies of the cores: each step equals the
+    # float32 table's on the same rounded cores (re-synced after every step), rounded once.
+    kw = dict(tt_ranks=[3, 4], tt_p_shapes=[7, 7, 7], tt_q_shapes=[2, 3, 2], optimizer=optimizer, mode="mean")
+    torch.manual_seed(0)
+    half, full = TTEmbeddingBag(300, 12, dtype=dtype, **kw), TTEmbeddingBag(300, 12, **kw)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        full.load_state_dict(half.state_dict())  # the rounded cores as fp32; the fp32 optimizer state
+        ids, offsets = torch.randint(0, 300, (60,), generator=g), torch.arange(0, 60, 6)
+        grad = torch.randn(10, 12, generator=g).to(dtype)
+        out_half, out_full = half(ids, offsets), full(ids, offsets)
+        assert out_half.dtype == dtype and torch.equal(out_half, out_full.to(dtype))
+        out_half.backward(grad)
+        out_full.backward(grad.float())
+        if optimizer is None:
+            assert all(torch.equal(a.grad, b.grad.to(dtype)) for a, b in zip(half.cores, full.cores))
+            return
+        assert all(torch.equal(a, b.detach().to(dtype)) for a, b in zip(half.cores, full.cores))
+        assert all(torch.equal(a, b) for a, b in zip(half.optimizer_state(), full.optimizer_state()))
+
+
 def test_result_independent_of_thread_count():
     p, q, ranks = [20, 20, 20], [2, 2, 4], [1, 8, 8, 1]
     cores = [c.float().requires_grad_() for c in random_cores(p, q, ranks)]

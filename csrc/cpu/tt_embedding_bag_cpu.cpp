@@ -328,10 +328,19 @@ struct Fp32View {
   std::optional<at::Tensor> psw;
   at::Tensor extra;  // grad_output or the cache rows, when a call has one (converted likewise)
 
-  Fp32View(at::TensorList original, const std::optional<at::Tensor>& w, const at::Tensor& x = at::Tensor())
+  // `saved`: the batch's forward / backward hand-over; forward leaves its core copies there and the
+  // backward takes them (the cores cannot change in between without a stale plan, as with partials).
+  Fp32View(at::TensorList original, const std::optional<at::Tensor>& w, const at::Tensor& x, SavedBatch* saved,
+           bool backward)
       : converted(at::isReducedFloatingType(original[0].scalar_type())) {
     const auto up = [&](const at::Tensor& t) { return converted && t.defined() ? t.to(at::kFloat) : t; };
-    for (const auto& c : original) cores.push_back(up(c));
+    if (converted && backward && saved != nullptr && saved->fp32_cores.size() == original.size()) {
+      cores = std::move(saved->fp32_cores);
+      saved->fp32_cores.clear();
+    } else {
+      for (const auto& c : original) cores.push_back(up(c));
+      if (converted && !backward && saved != nullptr) saved->fp32_cores = cores;
+    }
     if (w.has_value()) psw = up(*w);
     extra = up(x);
   }
@@ -349,7 +358,7 @@ at::Tensor tt_embedding_bag(at::TensorList cores, const at::Tensor& indices, con
   const std::string table(table_name);
   const auto a = prepare(table, cores, indices, offsets, psw, num_embeddings, pooling_mode, include_last_offset,
                          bounds_check_mode, false);
-  const Fp32View f(cores, psw);
+  const Fp32View f(cores, psw, at::Tensor(), a.saved.get(), false);
   at::Tensor out;
   AT_DISPATCH_FLOATING_TYPES(f.cores[0].scalar_type(), "tt_embedding_bag_cpu", [&] {
     out = forward_impl<scalar_t>(a.shape, *a.plan, f.cores, f.psw, pooling_mode == 1, a.saved.get());
@@ -366,7 +375,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> tt_embedding_bag_backward(
                          0, true);
   check_grad_output(table, grad_output, a.plan->num_bags, a.shape, cores[0]);
   TT_CHECK(!psw_grad || psw.has_value(), VALUE, table, "per_sample_weights_grad needs per_sample_weights");
-  const Fp32View f(cores, psw, grad_output);
+  const Fp32View f(cores, psw, grad_output, a.saved.get(), true);
   std::vector<at::Tensor> grads;
   for (const auto& c : f.cores) grads.push_back(at::zeros_like(c));
   at::Tensor grad_psw = psw_grad ? at::zeros_like(*f.psw) : at::empty({0}, f.cores[0].options());
@@ -430,7 +439,7 @@ void tt_embedding_bag_backward_fused_(const at::Tensor& grad_output, at::TensorL
                          0, true);
   check_grad_output(table, grad_output, a.plan->num_bags, a.shape, cores[0]);
   check_optimizer_state(table, opt, cores, optimizer_state, learning_rate, eps);
-  const Fp32View f(cores, psw, grad_output);
+  const Fp32View f(cores, psw, grad_output, a.saved.get(), true);
   AT_DISPATCH_FLOATING_TYPES(f.cores[0].scalar_type(), "tt_embedding_bag_backward_fused_cpu", [&] {
     fused_backward<scalar_t>(a, opt, f.cores, optimizer_state, f.extra, f.psw, pooling_mode == 1, learning_rate,
                              eps);
@@ -454,7 +463,7 @@ std::tuple<at::Tensor, at::Tensor> tt_cached_embedding_bag_fused(
   const auto cache = cache_map_of(cache_map, cache_weight);
   const auto a = prepare(table, cores, indices, offsets, psw, num_embeddings, pooling_mode, include_last_offset,
                          bounds_check_mode, false, &cache, &cache_map);
-  const Fp32View f(cores, psw, cache_weight);
+  const Fp32View f(cores, psw, cache_weight, a.saved.get(), false);
   at::Tensor out;
   AT_DISPATCH_FLOATING_TYPES(f.cores[0].scalar_type(), "tt_cached_embedding_bag_cpu", [&] {
     out = forward_impl<scalar_t>(a.shape, *a.plan, f.cores, f.psw, pooling_mode == 1, a.saved.get(),
@@ -486,7 +495,7 @@ void tt_cached_embedding_bag_backward_fused_(
                          0, true, &cache, &cache_map);
   check_grad_output(table, grad_output, a.plan->num_bags, a.shape, cores[0]);
   check_optimizer_state(table, opt, cores, optimizer_state, learning_rate, eps);
-  const Fp32View f(cores, psw, grad_output);
+  const Fp32View f(cores, psw, grad_output, a.saved.get(), true);
   const at::Tensor rows = f.converted ? cache_weight.to(at::kFloat) : cache_weight;
   AT_DISPATCH_FLOATING_TYPES(f.cores[0].scalar_type(), "tt_cached_embedding_bag_backward_fused_cpu", [&] {
     fused_backward<scalar_t>(a, opt, f.cores, optimizer_state, f.extra, f.psw, pooling_mode == 1, learning_rate,

@@ -230,60 +230,52 @@ __global__ void child_grad_kernel(Plan pl, LevelArgs a, int chunk, const T* __re
   }
 }
 
-// child_grad_kernel for levels with a long reduction (nk >= 32, a multiple of 4) and wide ranks
-// (rk >= 16), where its 4 x 4 tiles leave most threads idle (config (b), level 1: 8 tiles per node, 88
-// per 256 threads). One block per digit stages the slice (rows of quad_stride(nk) floats); each group
-// of `width` lanes (16 for rk <= 16, else 32) takes one node at a time, lane l computing columns
-// t = l, l + width, ... of up to 4 rows. The loads come four c at a time as float4: per 4 c, one
-// conflict-free shared load of the slice row and 4 broadcast loads of dP_k feed 16 FMAs (scalar loads
-// would issue 5 loads per 4 FMAs, leaving the load/store unit the bottleneck). Each output is still
-// summed over c in ascending order, as in child_grad_kernel.
+// child_grad_kernel for levels with a long reduction (nk >= 32) and wide ranks (rk >= 16), where its
+// 4 x 4 tiles leave most threads idle (config (b), level 1: 8 tiles per node, 88 per 256 threads).
+// One block per digit stages the slice transposed (nk rows of rk, odd stride); each warp takes one
+// node at a time, lane l computing columns t = l, l + 32, ... of up to 4 rows: per c, the 4 dP_k
+// values are broadcast loads (same address in every lane) and the slice value a conflict-free
+// shared load. Each output is summed over c in ascending order, as in child_grad_kernel.
 constexpr int kChildRows = 4;
 
 template <typename T>
 __global__ void child_grad_warp_kernel(Plan pl, LevelArgs a, const T* __restrict__ core, float* __restrict__ dchild) {
-  extern __shared__ float4 g_s4[];
-  float* g_s = reinterpret_cast<float*>(g_s4);
+  extern __shared__ float g_t[];
   const int v = blockIdx.x;
   const int s = a.seg_start[v], e = a.seg_end[v];
   if (s >= e) return;  // block-uniform
-  const int nk = a.nk, rk = a.rk, ld = quad_stride(nk);
+  const int nk = a.nk, rk = a.rk, ld = odd_stride(rk);
   const T* G = core + int64_t(v) * rk * nk;
-  for (int x = threadIdx.x; x < rk * nk; x += blockDim.x) {  // coalesced reads
+  for (int x = threadIdx.x; x < rk * nk; x += blockDim.x) {  // G[t][c] -> g_t[c][t], coalesced reads
     const int t = x / nk;
-    g_s[t * ld + (x - t * nk)] = to_f(G[x]);
+    g_t[(x - t * nk) * ld + t] = to_f(G[x]);
   }
   __syncthreads();
-  const int width = rk <= 16 ? 16 : kWarp;
-  const int lane = threadIdx.x % width, groups = blockDim.x / width;
+  const int lane = threadIdx.x % kWarp, warps = blockDim.x / kWarp;
   const int s_k = a.m_prev * nk;
-  for (int o = s + static_cast<int>(threadIdx.x) / width; o < e; o += groups) {
+  for (int o = s + static_cast<int>(threadIdx.x) / kWarp; o < e; o += warps) {
     const int j = a.order[o];
-    const float* dp = a.dp + int64_t(j) * s_k;  // float4-aligned: nk % 4 == 0, workspaces 256-byte aligned
+    const float* dp = a.dp + int64_t(j) * s_k;
     float* out = dchild + int64_t(j) * a.m_prev * rk;
     for (int am0 = 0; am0 < a.m_prev; am0 += kChildRows) {
       const int am_n = a.m_prev - am0 < kChildRows ? a.m_prev - am0 : kChildRows;
       const float* drow = dp + int64_t(am0) * nk;
-      for (int t = lane; t < rk; t += width) {
-        const float* g = g_s + t * ld;
+      for (int t = lane; t - lane < rk; t += kWarp) {  // warp-uniform trip count
+        const bool live = t < rk;
         float acc[kChildRows] = {};
-#pragma unroll 2
-        for (int c = 0; c < nk; c += 4) {
-          const float4 gv = *reinterpret_cast<const float4*>(g + c);
+#pragma unroll 4
+        for (int c = 0; c < nk; ++c) {
+          const float g = live ? g_t[c * ld + t] : 0.f;
 #pragma unroll
           for (int i = 0; i < kChildRows; ++i) {
-            if (i < am_n) {
-              const float4 dv = __ldg(reinterpret_cast<const float4*>(drow + i * nk + c));
-              acc[i] += dv.x * gv.x;
-              acc[i] += dv.y * gv.y;
-              acc[i] += dv.z * gv.z;
-              acc[i] += dv.w * gv.w;
-            }
+            if (i < am_n) acc[i] += __ldg(drow + i * nk + c) * g;
           }
         }
+        if (live) {
 #pragma unroll
-        for (int i = 0; i < kChildRows; ++i) {
-          if (i < am_n) out[int64_t(am0 + i) * rk + t] = acc[i];
+          for (int i = 0; i < kChildRows; ++i) {
+            if (i < am_n) out[int64_t(am0 + i) * rk + t] = acc[i];
+          }
         }
       }
     }

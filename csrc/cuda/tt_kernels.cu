@@ -199,10 +199,10 @@ cudaError_t backward_level(const TTDims& t, const Sizes& sz, int k, const Plan& 
         pl, k, m_prev, rk, nk, core, d_cur, d_prev, sz.bound[k - 1]);
     TT_LAUNCHED();
   } else if (k > 0) {  // dP_{k-1} by digit, then reduced: the last read of core k, before its update below
-    const int64_t quad_bytes = int64_t(sizeof(float)) * rk * quad_stride(nk);
-    if (nk >= 32 && nk % 4 == 0 && rk >= 16 && quad_bytes <= kStageBytes) {  // long reductions, wide ranks
-      child_grad_warp_kernel<T><<<digits, kWarpBlock, static_cast<size_t>(quad_bytes), stream>>>(pl, a, core,
-                                                                                              gw.dchild);
+    const int64_t transposed_bytes = int64_t(sizeof(float)) * nk * odd_stride(rk);
+    if (nk >= 32 && rk >= 16 && transposed_bytes <= kStageBytes) {  // long reductions, wide ranks
+      child_grad_warp_kernel<T><<<digits, kWarpBlock, static_cast<size_t>(transposed_bytes), stream>>>(pl, a, core,
+                                                                                                    gw.dchild);
     } else {
       const int64_t slice_bytes = int64_t(sizeof(float)) * rk * odd_stride(nk);
       const int chunk = chunk_for(slice_bytes, int64_t(sizeof(float)) * m_prev * nk);

@@ -16,6 +16,10 @@ Configs:
 Zipf ranks are scattered over the table by a fixed random permutation (hot ids do not all share
 prefixes). The batch is fixed across iterations. Timing: CUDA events around each step, warm-up,
 median of --iters (>= 20) steps, the methods taking turns step by step (so host noise hits them alike).
+Each step is synchronised, so the GPU idles while the host issues the next one's first launches. A
+training loop does not wait: it issues step i + 1 while the GPU runs step i. The second table times
+that: bursts of --burst steps issued back to back (one event pair around the burst), the median burst's
+ms per step, dense / ours / ours_graph taking turns burst by burst.
 
     python examples/benchmark_tt_embedding_cuda.py --json out.json --markdown out.md
 """
@@ -71,6 +75,23 @@ def timed(step) -> float:
     end.record()
     end.synchronize()
     return start.elapsed_time(end)
+
+
+def time_back_to_back(steps: dict, names, bursts: int, per_burst: int) -> dict:
+    """Median ms per step over ``bursts`` bursts of ``per_burst`` steps issued without synchronising in
+    between (the throughput of a training loop, host and GPU overlapping), the methods taking turns burst
+    by burst. Only methods in ``steps`` (those that survived warm-up) are timed."""
+    names = [n for n in names if n in steps]
+    times = {name: [] for name in names}
+
+    def burst(step):
+        return lambda: [step() for _ in range(per_burst)]
+
+    for i in range(bursts):
+        for j in range(len(names)):
+            name = names[(i + j) % len(names)]
+            times[name].append(timed(burst(steps[name])) / per_burst)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def time_interleaved(steps: dict, iters: int, warmup: int, errors: dict) -> dict:
@@ -208,7 +229,9 @@ def run(args):
                 res["errors"][label] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
         t0 = time.time()
         res["ms"] = time_interleaved(steps, args.iters, args.warmup, res["errors"])
-        print(f"  [{key}] {res['ms']} ({time.time() - t0:.1f}s)", flush=True)
+        live = {k: v for k, v in steps.items() if k in res["ms"]}
+        res["ms_back_to_back"] = time_back_to_back(live, ("dense", "ours", "ours_graph"), args.bursts, args.burst)
+        print(f"  [{key}] {res['ms']} back to back {res['ms_back_to_back']} ({time.time() - t0:.1f}s)", flush=True)
         del steps
         if DEVICE == "cuda":
             torch.cuda.empty_cache()
@@ -223,6 +246,11 @@ def run(args):
             res["gflops_unique_rows"] = flops / (ms["ours"] * 1e-3) / 1e9
         if "ours_graph" in ms:
             res["us_per_lookup_graph"] = ms["ours_graph"] * 1e3 / n
+        b2b = res["ms_back_to_back"]
+        if "ours" in b2b:
+            res["us_per_lookup_back_to_back"] = b2b["ours"] * 1e3 / n
+            if "dense" in b2b:
+                res["ours_over_dense_back_to_back"] = b2b["ours"] / b2b["dense"]
         results.append(res)
     return results
 
@@ -244,6 +272,16 @@ def markdown(meta, results):
                      f"{f('ours_graph')} | {g('ours_over_dense', '{:.2f}')} | "
                      f"{g('naive_over_ours', '{:.1f}')} | {g('us_per_lookup_fwd_bwd', '{:.4f}')} | "
                      f"{g('us_per_lookup_graph', '{:.4f}')} | {g('gflops_unique_rows', '{:.0f}')} |")
+    lines += ["", f"Back to back: median of {meta['bursts']} bursts of {meta['burst']} steps issued without "
+              "synchronising in between, ms per step.", "",
+              "| config | dense EmbeddingBag | ours fused SGD | ours fused, CUDA graph | ours/dense | us/lookup |",
+              "|---|---|---|---|---|---|"]
+    for r in results:
+        b = r.get("ms_back_to_back", {})
+        f = lambda k: f"{b[k]:.3f}" if k in b else "-"  # noqa: E731
+        g = lambda k, fmt: (fmt.format(r[k]) if k in r else "-")  # noqa: E731
+        lines.append(f"| {r['name']} | {f('dense')} | {f('ours')} | {f('ours_graph')} | "
+                     f"{g('ours_over_dense_back_to_back', '{:.2f}')} | {g('us_per_lookup_back_to_back', '{:.4f}')} |")
     for r in results:
         for k, v in r["errors"].items():
             lines.append(f"\n- {r['config']} {k} failed: `{v}`")
@@ -255,6 +293,8 @@ def main():
     ap.add_argument("--configs", nargs="+", default=["a", "b"], choices=sorted(CONFIGS))
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--bursts", type=int, default=7, help="back-to-back bursts per method (median)")
+    ap.add_argument("--burst", type=int, default=10, help="steps per back-to-back burst")
     ap.add_argument("--dist-b", default="uniform", choices=["uniform", "zipf"])
     ap.add_argument("--json")
     ap.add_argument("--markdown")
@@ -264,12 +304,14 @@ def main():
     DEVICE = args.device
     if args.iters < 20:
         ap.error("--iters must be >= 20")
+    if args.bursts < 1 or args.burst < 1:
+        ap.error("--bursts and --burst must be >= 1")
     if DEVICE == "cuda" and not torch.cuda.is_available():
         print("benchmark_tt_embedding_cuda: no CUDA device", file=sys.stderr)
         return 1
     meta = dict(device=torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (dry run)",
                 torch=torch.__version__, cuda=torch.version.cuda,
-                iters=args.iters, warmup=args.warmup)
+                iters=args.iters, warmup=args.warmup, bursts=args.bursts, burst=args.burst)
     results = run(args)
     md = markdown(meta, results)
     print(md)

@@ -137,9 +137,9 @@ WIDE = [  # core slices of 64 x 256 (more than a block holds in one pass or in s
     # column groups of 32 lanes, rows in groups of 4 and 2 (m_prev = 6), several nodes per warp; its
     # forward chain the 4-rows-per-thread kernel
     wide_case(3, [40, 6, 3], [6, 3, 2], [1, 40, 12, 1], 300, 4),
-    # an odd nk (33): the warp kernel reads 4 columns at a time, so this level takes child_grad_kernel
+    # an odd nk (33) at a wide rank: the warp kernel's c loop (unrolled by 4) ends with a remainder
     wide_case(4, [30, 5, 2], [3, 11, 2], [1, 20, 3, 1], 200, 3),
-    # rk = 16 (nk = 32): the warp kernel's 16-lane groups, a node each
+    # rk = 16 (nk = 32): the warp kernel with half its lanes idle (t >= rk)
     wide_case(5, [30, 6, 2], [4, 8, 2], [1, 16, 4, 1], 200, 3),
     # bags of 70 ids, mean pooling: pooling walks a bag 32 positions at a time
     dict(wide_case(6, [5, 6, 7], [2, 2, 2], [1, 4, 4, 1], 210, 70), pooling=1),

@@ -40,6 +40,17 @@ def test_dry_run_writes_every_method(on_cpu, tmp_path, monkeypatch):
     assert res["errors"] == {}
     assert set(res["ms"]) == {"dense", "naive_tt", "ours_dense", "ours", "ours_checked"}
     assert res["ours_over_dense"] == pytest.approx(res["ms"]["ours"] / res["ms"]["dense"])
+    b2b = res["ms_back_to_back"]
+    assert set(b2b) == {"dense", "ours"}  # no CUDA graph on the CPU
+    assert res["ours_over_dense_back_to_back"] == pytest.approx(b2b["ours"] / b2b["dense"])
+
+
+def test_back_to_back_bursts_take_turns(on_cpu):
+    calls = []
+    ms = bench.time_back_to_back({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+                                 ("a", "b", "missing"), bursts=3, per_burst=4)
+    assert set(ms) == {"a", "b"} and all(v >= 0 for v in ms.values())
+    assert calls == ["a"] * 4 + ["b"] * 4 + ["b"] * 4 + ["a"] * 4 + ["a"] * 4 + ["b"] * 4
 
 
 def test_kernel_step_script_dry_run(on_cpu, monkeypatch, capsys):

@@ -26,7 +26,7 @@
 //      Backward first groups every level's nodes by (level, digit) with one more radix sort.
 //      Per level k, one block per core slice v (a) computes for each node j with digit v its share
 //      dP_k[j] @ G_k[v]^T of its parent's gradient (slice staged once in shared memory; 4x4 tiles per
-//      thread, or 16 / 32 lanes per node where the reduction is long and the rank wide), after which
+//      thread, or a warp per node where the reduction is long and the rank wide), after which
 //      dP_{k-1}[parent] sums its children's shares in node order (levels with short slices and few
 //      children per parent: one pass per parent instead, each share recomputed, same operations in the
 //      same order); then (b) sums dG_k[v] = sum_j P_{k-1}[parent_j]^T @ dP_k[j] in node order (E rows

@@ -4,16 +4,18 @@
 # lands in $OUT (build.log, tests.log, bench.md (every round), bench_cuda.json (round 1), profile.log,
 # summary.txt; extra.txt with NCU / SANITIZE).
 # BASELINE=dir (a source tree of an earlier commit, e.g. `git archive HEAD csrc torchrec_tt planner
-# setup.py examples tests | tar -x -C .ab/old`, carried): built in parallel, its CUDA tests run
-# (appended to tests.log), benchmarked right after ours on the same machine (in bench.md) and
-# profiled (profile_baseline.log).
+# setup.py examples tests | tar -x -C .ab/old`, carried): built in parallel, benchmarked right after ours
+# on the same machine (in bench.md) and profiled (profile_baseline.log); with BASELINE_TESTS=1 its CUDA
+# tests run too (appended to tests.log; session 11: over their 90 s box on an H100, so off by default).
 # NCU=1: Nsight Compute counters of one fused step's kernels; SANITIZE=1: compute-sanitizer memcheck
 # (both plan paths) and racecheck on one step (both into extra.txt; ~1-3 minutes each, not yet timed).
 # BASELINE_ENV="VAR=value ..." (instead of BASELINE): the baseline is this same build run with those
 # environment variables (e.g. TORCHREC_TT_CUDA_SMALL_PLAN=0: the general plan path). ROUNDS=k runs
 # the two benchmarks k times, alternating (all rounds in bench.md).
 # Each step is time-boxed and a failing step does not stop the next one, so one run gives as much
-# information as possible. Seen on an H200: ~100 s with a baseline (worst case ~9 minutes).
+# information as possible. Seen in session 11: 291 s on an H100 with BASELINE, ROUNDS=2, SANITIZE=1 and
+# the baseline's tests (90 s of it); 175 s on an H200 with ROUNDS=2 SANITIZE=1 (build 50 s, tests 32 s,
+# sanitizers 35 s). A machine's start adds about 30 s.
 set -x
 set -o pipefail
 OUT="${OUT:-$PWD/out}"
@@ -85,7 +87,7 @@ for i in $(seq 1 "$ROUNDS"); do
   json=$([ "$i" = 1 ] && echo "--json $OUT/bench_cuda.json" || true)
   step "bench_$i" 150 bash -c "set -o pipefail; $BENCH $json --markdown /tmp/bench_round.md"
   note "round $i: this tree"
-  if [ "$i" = 1 ] && [ -n "${BASELINE:-}" ] && [ -d "$BASELINE/tests" ]; then
+  if [ "$i" = 1 ] && [ -n "${BASELINE:-}" ] && [ -n "${BASELINE_TESTS:-}" ] && [ -d "$BASELINE/tests" ]; then
     # (not test_cuda_emulated.py: the CPU emulator's tests would take the whole time box)
     step tests_baseline 90 bash -c "cd '$BASELINE' && PYTHONPATH='$BASELINE' $PY -m pytest -q -p no:cacheprovider tests/test_cuda*.py --ignore=tests/test_cuda_emulated.py 2>&1 | tail -n 15 > /tmp/tests_baseline.log"
     { printf '\n==== baseline tree %s: tests/test_cuda*.py (last lines)\n' "$BASELINE"; cat /tmp/tests_baseline.log; } >> "$OUT/tests.log"

@@ -5,10 +5,12 @@
 # summary.txt; extra.txt with NCU / SANITIZE).
 # BASELINE=dir (a source tree of an earlier commit, e.g. `git archive HEAD csrc torchrec_tt planner
 # setup.py examples tests | tar -x -C .ab/old`, carried): built in parallel, benchmarked right after ours
-# on the same machine (in bench.md) and profiled (profile_baseline.log); with BASELINE_TESTS=1 its CUDA
-# tests run too (appended to tests.log; session 11: over their 90 s box on an H100, so off by default).
+# on the same machine (in bench.md) and profiled (profile_baseline.log; scripts/compare_profiles.py's
+# kernel-by-kernel table, slower kernels flagged, goes to the output and the end of summary.txt); with
+# BASELINE_TESTS=1 its CUDA tests run too (appended to tests.log; session 11: over their 90 s box on an
+# H100, so off by default).
 # NCU=1: Nsight Compute counters of one fused step's kernels; SANITIZE=1: compute-sanitizer memcheck
-# (both plan paths) and racecheck on one step (both into extra.txt; ~1-3 minutes each, not yet timed).
+# (both plan paths) and racecheck on one step (both into extra.txt; session 11: 8 + 8 + 20 s).
 # BASELINE_ENV="VAR=value ..." (instead of BASELINE): the baseline is this same build run with those
 # environment variables (e.g. TORCHREC_TT_CUDA_SMALL_PLAN=0: the general plan path). ROUNDS=k runs
 # the two benchmarks k times, alternating (all rounds in bench.md).
@@ -100,6 +102,11 @@ done
 cat "$OUT/bench.md"
 step profile 90 bash -c "$PY examples/profile_tt_embedding_cuda.py > '$OUT/profile.log' 2>&1"
 [ -n "$BASE" ] && step profile_baseline 90 bash -c "env $BASE $PY examples/profile_tt_embedding_cuda.py > '$OUT/profile_baseline.log' 2>&1"
+rm -f /tmp/compare.md
+if [ -n "$BASE" ]; then  # kernel by kernel, slower kernels flagged (also at the end of summary.txt)
+  "$PY" scripts/compare_profiles.py "$OUT/profile.log" "$OUT/profile_baseline.log" > /tmp/compare.md 2>&1
+  cat /tmp/compare.md
+fi
 sed -n "/one step/,/^===/p" "$OUT/profile.log" | head -n 120
 
 # ---- optional: hardware counters and memory / race checks of one step's kernels (extra.txt) ----
@@ -121,4 +128,5 @@ if [ -n "${SANITIZE:-}" ] && command -v compute-sanitizer > /dev/null; then
 fi
 
 printf '%s\n' "${status[@]}" | tee "$OUT/summary.txt"
+[ -f /tmp/compare.md ] && cat /tmp/compare.md >> "$OUT/summary.txt"
 exit 0

@@ -255,6 +255,11 @@ def run(args):
     return results
 
 
+def _field(result):
+    """``result[key]`` formatted, or "-" where the run has no such figure."""
+    return lambda key, fmt: fmt.format(result[key]) if key in result else "-"
+
+
 def markdown(meta, results):
     lines = [f"# TT embedding CUDA benchmark ({meta['device']}, torch {meta['torch']})", "",
              "Median ms per training step (forward + backward + SGD update), "
@@ -266,7 +271,7 @@ def markdown(meta, results):
     for r in results:
         ms = r["ms"]
         f = lambda k: f"{ms[k]:.3f}" if k in ms else ("err" if k in r["errors"] else "-")  # noqa: E731
-        g = lambda k, fmt: (fmt.format(r[k]) if k in r else "-")  # noqa: E731
+        g = _field(r)
         lines.append(f"| {r['name']} | {r['ids']} ({r['unique_ids']}) | {f('dense')} | {f('naive_tt')} | "
                      f"{f('ours_dense')} | {f('ours')} | {f('ours_checked')} | "
                      f"{f('ours_graph')} | {g('ours_over_dense', '{:.2f}')} | "
@@ -279,7 +284,7 @@ def markdown(meta, results):
     for r in results:
         b = r.get("ms_back_to_back", {})
         f = lambda k: f"{b[k]:.3f}" if k in b else "-"  # noqa: E731
-        g = lambda k, fmt: (fmt.format(r[k]) if k in r else "-")  # noqa: E731
+        g = _field(r)
         lines.append(f"| {r['name']} | {f('dense')} | {f('ours')} | {f('ours_graph')} | "
                      f"{g('ours_over_dense_back_to_back', '{:.2f}')} | {g('us_per_lookup_back_to_back', '{:.4f}')} |")
     for r in results:

@@ -326,14 +326,11 @@ struct Fp32View {
   bool converted;
   std::vector<at::Tensor> cores;
   std::optional<at::Tensor> psw;
-  at::Tensor extra;  // grad_output or the cache rows, when a call has one (converted likewise)
 
   // `saved`: the batch's forward / backward hand-over; forward leaves its core copies there and the
   // backward takes them (the cores cannot change in between without a stale plan, as with partials).
-  Fp32View(at::TensorList original, const std::optional<at::Tensor>& w, const at::Tensor& x, SavedBatch* saved,
-           bool backward)
+  Fp32View(at::TensorList original, const std::optional<at::Tensor>& w, SavedBatch* saved, bool backward)
       : converted(at::isReducedFloatingType(original[0].scalar_type())) {
-    const auto up = [&](const at::Tensor& t) { return converted && t.defined() ? t.to(at::kFloat) : t; };
     if (converted && backward && saved != nullptr && saved->fp32_cores.size() == original.size()) {
       cores = std::move(saved->fp32_cores);
       saved->fp32_cores.clear();
@@ -342,13 +339,15 @@ struct Fp32View {
       if (converted && !backward && saved != nullptr) saved->fp32_cores = cores;
     }
     if (w.has_value()) psw = up(*w);
-    extra = up(x);
   }
+  // A tensor of the cores' dtype (grad_output, cache rows) as the kernels take it.
+  at::Tensor up(const at::Tensor& t) const { return converted && t.defined() ? t.to(at::kFloat) : t; }
   at::Tensor down(const at::Tensor& t, const at::Tensor& like) const { return converted ? t.to(like.dtype()) : t; }
-  // After a fused step: the updated cores back into the caller's tensors.
-  void write_back(at::TensorList original) const {
+  // After a fused step: the updated fp32 copies back into the caller's tensors.
+  void write_back(at::TensorList original) const { write_back(original, cores); }
+  void write_back(at::TensorList original, at::TensorList copies) const {
     if (!converted) return;
-    for (size_t k = 0; k < cores.size(); ++k) original[k].copy_(cores[k]);
+    for (size_t k = 0; k < copies.size(); ++k) original[k].copy_(copies[k]);
   }
 };
 
@@ -358,7 +357,7 @@ at::Tensor tt_embedding_bag(at::TensorList cores, const at::Tensor& indices, con
   const std::string table(table_name);
   const auto a = prepare(table, cores, indices, offsets, psw, num_embeddings, pooling_mode, include_last_offset,
                          bounds_check_mode, false);
-  const Fp32View f(cores, psw, at::Tensor(), a.saved.get(), false);
+  const Fp32View f(cores, psw, a.saved.get(), false);
   at::Tensor out;
   AT_DISPATCH_FLOATING_TYPES(f.cores[0].scalar_type(), "tt_embedding_bag_cpu", [&] {
     out = forward_impl<scalar_t>(a.shape, *a.plan, f.cores, f.psw, pooling_mode == 1, a.saved.get());
@@ -375,7 +374,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> tt_embedding_bag_backward(
                          0, true);
   check_grad_output(table, grad_output, a.plan->num_bags, a.shape, cores[0]);
   TT_CHECK(!psw_grad || psw.has_value(), VALUE, table, "per_sample_weights_grad needs per_sample_weights");
-  const Fp32View f(cores, psw, grad_output, a.saved.get(), true);
+  const Fp32View f(cores, psw, a.saved.get(), true);
   std::vector<at::Tensor> grads;
   for (const auto& c : f.cores) grads.push_back(at::zeros_like(c));
   at::Tensor grad_psw = psw_grad ? at::zeros_like(*f.psw) : at::empty({0}, f.cores[0].options());
@@ -383,7 +382,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> tt_embedding_bag_backward(
     std::vector<scalar_t*> gp;
     for (auto& t : grads) gp.push_back(t.data_ptr<scalar_t>());
     backward_impl<scalar_t>(
-        a.shape, *a.plan, f.cores, f.extra, f.psw, pooling_mode == 1,
+        a.shape, *a.plan, f.cores, f.up(grad_output), f.psw, pooling_mode == 1,
         psw_grad ? grad_psw.data_ptr<scalar_t>() : nullptr,
         [&](int64_t k, int64_t v, const scalar_t* gs) {
           const int64_t n = a.shape.slice_numel(k);
@@ -439,10 +438,10 @@ void tt_embedding_bag_backward_fused_(const at::Tensor& grad_output, at::TensorL
                          0, true);
   check_grad_output(table, grad_output, a.plan->num_bags, a.shape, cores[0]);
   check_optimizer_state(table, opt, cores, optimizer_state, learning_rate, eps);
-  const Fp32View f(cores, psw, grad_output, a.saved.get(), true);
+  const Fp32View f(cores, psw, a.saved.get(), true);
   AT_DISPATCH_FLOATING_TYPES(f.cores[0].scalar_type(), "tt_embedding_bag_backward_fused_cpu", [&] {
-    fused_backward<scalar_t>(a, opt, f.cores, optimizer_state, f.extra, f.psw, pooling_mode == 1, learning_rate,
-                             eps);
+    fused_backward<scalar_t>(a, opt, f.cores, optimizer_state, f.up(grad_output), f.psw, pooling_mode == 1,
+                             learning_rate, eps);
   });
   f.write_back(cores);
 }
@@ -463,11 +462,12 @@ std::tuple<at::Tensor, at::Tensor> tt_cached_embedding_bag_fused(
   const auto cache = cache_map_of(cache_map, cache_weight);
   const auto a = prepare(table, cores, indices, offsets, psw, num_embeddings, pooling_mode, include_last_offset,
                          bounds_check_mode, false, &cache, &cache_map);
-  const Fp32View f(cores, psw, cache_weight, a.saved.get(), false);
+  const Fp32View f(cores, psw, a.saved.get(), false);
+  const at::Tensor rows = f.up(cache_weight);
   at::Tensor out;
   AT_DISPATCH_FLOATING_TYPES(f.cores[0].scalar_type(), "tt_cached_embedding_bag_cpu", [&] {
     out = forward_impl<scalar_t>(a.shape, *a.plan, f.cores, f.psw, pooling_mode == 1, a.saved.get(),
-                                 f.extra.data_ptr<scalar_t>());
+                                 rows.data_ptr<scalar_t>());
   });
   out = f.down(out, cores[0]);
   // where each id went: its cache slot, -1 rebuilt from the cores, -2 dropped (out of range)
@@ -495,16 +495,16 @@ void tt_cached_embedding_bag_backward_fused_(
                          0, true, &cache, &cache_map);
   check_grad_output(table, grad_output, a.plan->num_bags, a.shape, cores[0]);
   check_optimizer_state(table, opt, cores, optimizer_state, learning_rate, eps);
-  const Fp32View f(cores, psw, grad_output, a.saved.get(), true);
-  const at::Tensor rows = f.converted ? cache_weight.to(at::kFloat) : cache_weight;
+  const Fp32View f(cores, psw, a.saved.get(), true);
+  const at::Tensor rows = f.up(cache_weight);
   AT_DISPATCH_FLOATING_TYPES(f.cores[0].scalar_type(), "tt_cached_embedding_bag_backward_fused_cpu", [&] {
-    fused_backward<scalar_t>(a, opt, f.cores, optimizer_state, f.extra, f.psw, pooling_mode == 1, learning_rate,
-                             eps, rows.data_ptr<scalar_t>(),
+    fused_backward<scalar_t>(a, opt, f.cores, optimizer_state, f.up(grad_output), f.psw, pooling_mode == 1,
+                             learning_rate, eps, rows.data_ptr<scalar_t>(),
                              opt == FusedOptimizer::kSgd ? nullptr : cache_state.data_ptr<scalar_t>(),
                              cache_trained.data_ptr<bool>());
   });
   f.write_back(cores);
-  if (f.converted) cache_weight.copy_(rows);
+  f.write_back(cache_weight, rows);
 }
 
 }  // namespace

@@ -29,7 +29,7 @@ from torch.export import Dim  # noqa: E402
 from torchrec import KeyedJaggedTensor  # noqa: E402
 
 from examples.dlrm.data import SyntheticCriteo  # noqa: E402
-from examples.dlrm.model import human_bytes, model_from_record  # noqa: E402
+from examples.dlrm.model import human_bytes, model_from_record, size_report  # noqa: E402
 
 
 def resolve_checkpoint(path: str) -> str:
@@ -102,8 +102,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
         if not torch.equal(load_exported(args.out).module()(b.dense, b.sparse), program.module()(b.dense, b.sparse)):
             raise SystemExit(f"{args.out}: the saved program does not reproduce the exported one")
     report = {"checkpoint": checkpoint, "out": args.out, "bytes": os.path.getsize(args.out),
-              "dense_table_bytes": sum(n * t.embedding_dim * 4 for n, t in zip(cardinalities,
-                                                                               ebc.embedding_bag_configs())),
+              "dense_table_bytes": size_report(model)["emb_bytes_dense"],
               "export_s": export_s, "max_abs_logit_diff": worst, "check_batches": args.check_batches}
     if args.aoti:
         t0 = time.perf_counter()

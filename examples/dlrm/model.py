@@ -61,8 +61,8 @@ def model_record(tables: Sequence[EmbeddingBagConfig], dense_arch: Sequence[int]
                              "feature_names": list(t.feature_names), "pooling": t.pooling.name}
         if isinstance(t, TTEmbeddingBagConfig):
             r["tt"] = {f.name: getattr(t, f.name) for f in dataclasses.fields(t) if f.name not in base}
-            if dataclasses.is_dataclass(r["tt"]["optimizer"]):
-                r["tt"]["optimizer"] = dataclasses.asdict(r["tt"]["optimizer"])["name"]
+            if dataclasses.is_dataclass(r["tt"]["optimizer"]):  # a FusedOptimizerConfig: rebuilding for
+                r["tt"]["optimizer"] = r["tt"]["optimizer"].name  # inference needs only its name
         records.append(r)
     return {"tables": records, "dense_arch": list(dense_arch), "over_arch": list(over_arch)}
 

@@ -472,15 +472,16 @@ class TTRowCache(nn.Module):
         row instead of the TT chain and are trained in the same backward; nothing else in Python."""
         state = getattr(self, "optimizer_state", None)
         opt = table.optimizer
+        traced = self._traced_inference()
         # .data: backward updates the rows without bumping the parameter's version (traced: a read only)
-        weight = self.weight.detach() if self._traced_inference() else self.weight.data
+        weight = self.weight.detach() if traced else self.weight.data
         out, where = ops.tt_cached_embedding_bag_fused(
             table.core_list(), table.optimizer_state(), weight,
             state if state is not None else self.weight.new_empty(0), self._map, self.trained, ids, offsets, psw,
             num_embeddings=table.num_embeddings, optimizer=opt.name, learning_rate=opt.learning_rate,
             eps=opt.eps, mode=table.mode, include_last_offset=include_last_offset,
             bounds_check_mode=table.bounds_check_mode, table_name=table.name)
-        if not self._traced_inference():
+        if not traced:
             self._count_in_kernel(ids.reshape(-1).long(), where)
         return out
 

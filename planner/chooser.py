@@ -25,7 +25,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from torchrec.distributed.planner.types import ParameterConstraints, PlannerError, Topology
 from torchrec.distributed.types import ShardingPlan
-from torchrec.modules.embedding_configs import EmbeddingBagConfig, data_type_to_dtype
+from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, data_type_to_dtype
 
 from torchrec_tt.config import TTEmbeddingBagConfig
 
@@ -54,9 +54,10 @@ def memory_budget(topology: Topology) -> int:
 
 
 def to_tt_config(table: EmbeddingBagConfig, rank: int, **tt_fields: Any) -> TTEmbeddingBagConfig:
-    """The TT version of a dense table config (every ``EmbeddingBagConfig`` field kept)."""
+    """The TT version of a dense table config (every ``EmbeddingBagConfig`` field kept unless ``tt_fields``
+    sets it, e.g. ``data_type=DataType.BF16`` for half cores)."""
     base = {f.name: getattr(table, f.name) for f in dataclasses.fields(EmbeddingBagConfig) if f.init}
-    return TTEmbeddingBagConfig(**base, tt_ranks=rank, **tt_fields)
+    return TTEmbeddingBagConfig(**{**base, **tt_fields}, tt_ranks=rank)
 
 
 def _dense_bytes(t: EmbeddingBagConfig) -> int:
@@ -119,8 +120,8 @@ def choose_compression(tables: Sequence[EmbeddingBagConfig], topology: Topology,
 def choose(tables: Sequence[EmbeddingBagConfig], topology: Topology, *, batch_size: int,
            min_rank: int = 1, max_rank: int = 64, num_cores: int = 3,
            tt_optimizer: Any = None, tt_learning_rate: Optional[float] = None,
-           tt_cache: Optional[Dict[str, Any]] = None, keep_dense: Sequence[str] = (),
-           constraints: Optional[Dict[str, ParameterConstraints]] = None,
+           tt_cache: Optional[Dict[str, Any]] = None, tt_data_type: Optional[DataType] = None,
+           keep_dense: Sequence[str] = (), constraints: Optional[Dict[str, ParameterConstraints]] = None,
            fused_params: Optional[Dict[str, Any]] = None, module_path: str = "",
            estimator_kwargs: Optional[Dict[str, Any]] = None, min_ratio: float = 2.0,
            **planner_kwargs: Any) -> Choice:
@@ -133,6 +134,8 @@ def choose(tables: Sequence[EmbeddingBagConfig], topology: Topology, *, batch_si
             gradients, or ``"sgd"``/``"adagrad"``/``"rowwise_adagrad"`` fused), ``tt_learning_rate``: TT fields.
         tt_cache: hot-row cache fields of every TT table (e.g. ``{"cache_fraction": 0.01}``), so the
             plan budgets the cached rows, their state and tracker too.
+        tt_data_type: the TT tables' cores (and cached rows): FP32, FP16 or BF16; default the dense
+            table's own ``data_type``. Half cores take half the core bytes in the plan (optimizer state stays fp32).
         keep_dense: table names never compressed; ``min_ratio``: least compression worth a TT table.
         constraints, fused_params, estimator_kwargs: as ``get_sharders_and_planner``.
         module_path: FQN of the ``TTEmbeddingBagCollection`` in the model (the plan is keyed by it).
@@ -149,6 +152,8 @@ def choose(tables: Sequence[EmbeddingBagConfig], topology: Topology, *, batch_si
     if tt_learning_rate is not None:
         tt_fields["learning_rate"] = tt_learning_rate
     tt_fields.update(tt_cache or {})
+    if tt_data_type is not None:
+        tt_fields["data_type"] = tt_data_type
     caps = {t.name: _rank_cap(t, min_rank, max_rank, tt_fields, min_ratio) for t in tables
             if not isinstance(t, TTEmbeddingBagConfig) and t.name not in keep_dense}
     candidates = sorted((n for n, c in caps.items() if c), key=lambda n: -_dense_bytes(

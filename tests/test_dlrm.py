@@ -103,6 +103,31 @@ def test_scale_tables():
     assert scale_cardinalities([10, 20], 1.0) == [10, 20]
 
 
+def test_model_record_rebuilds_every_table_as_trained():
+    """model.json (what export.py rebuilds the model from) keeps each table's config, its data_type
+    included: a bf16 / fp16 TT table comes back with half cores, not as an fp32 table."""
+    from torchrec import DataType, EmbeddingBagConfig, PoolingType
+
+    from examples.dlrm.model import model_from_record, model_record
+    from torchrec_tt.config import TTEmbeddingBagConfig
+    tables = [TTEmbeddingBagConfig(name="t_cat_0", embedding_dim=8, num_embeddings=5000, feature_names=["cat_0"],
+                                   tt_ranks=4, data_type=DataType.BF16, optimizer="rowwise_adagrad",
+                                   learning_rate=0.1),
+              TTEmbeddingBagConfig(name="t_cat_1", embedding_dim=8, num_embeddings=3000, feature_names=["cat_1"],
+                                   tt_ranks=4, data_type=DataType.FP16, pooling=PoolingType.MEAN),
+              EmbeddingBagConfig(name="t_cat_2", embedding_dim=8, num_embeddings=40, feature_names=["cat_2"])]
+    record = json.loads(json.dumps(model_record(tables, [16], [8])))
+    ebc = model_from_record(record).sparse_arch.embedding_bag_collection
+    def fields(t):  # a dense config's init_fn is a new partial on each construction
+        return type(t), {k: v for k, v in vars(t).items() if k != "init_fn"}
+    assert [fields(t) for t in ebc.embedding_bag_configs()] == [fields(t) for t in tables]
+    assert ebc.tt_tables["t_cat_0"].core_list()[0].dtype == torch.bfloat16
+    assert ebc.tt_tables["t_cat_1"].core_list()[1].dtype == torch.float16
+    del record["tables"][0]["data_type"]  # a model.json written before data_type was recorded: fp32
+    assert model_from_record(record).sparse_arch.embedding_bag_collection.tt_tables["t_cat_0"].core_list()[0].dtype \
+        == torch.float32
+
+
 # ---- training ------------------------------------------------------------------------------------
 
 def _train(rank, world, argv):
@@ -165,8 +190,6 @@ def test_export_serves_the_trained_model(two_rank_run, tmp_path):
     unsharded model, exported with a dynamic batch size and packaged by AOTInductor; the saved program's
     held-out AUC is the one training reported at that step (so the trained weights, not fresh ones, were
     loaded)."""
-    from torchmetrics.functional.classification import binary_auroc
-
     from examples.dlrm import export
     d, _, (r0, _) = two_rank_run
     out = str(tmp_path / "model.pt2")
@@ -174,17 +197,44 @@ def test_export_serves_the_trained_model(two_rank_run, tmp_path):
                           "--aoti", str(tmp_path / "model_aoti.pt2")])
     assert report["checkpoint"].endswith("step_0000020") and report["max_abs_logit_diff"] <= 1e-5
     assert report["aoti_max_abs_logit_diff"] <= 1e-5  # the AOTInductor package (C++) serves the same logits
-    program = export.load_exported(out).module()
+    auc = _held_out_auc(export.load_exported(out).module(), world_size=2)
+    assert abs(auc - r0["auc"]) < 1e-4, (auc, r0["auc"])
+
+
+def _held_out_auc(program, world_size):
+    """AUC of ``program`` on train.py's held-out stream for TINY: eval seed, 4 batches of 128 per rank."""
+    from torchmetrics.functional.classification import binary_auroc
     cardinalities = scale_cardinalities(KAGGLE_CARDINALITIES, 0.001)
     logits, labels = [], []
-    for rank in range(2):  # train.py's held-out stream: eval seed, 4 batches of 128 per rank
-        held_out = SyntheticCriteo(128, cardinalities, seed=1_000_003, rank=rank, world_size=2)
+    for rank in range(world_size):
+        held_out = SyntheticCriteo(128, cardinalities, seed=1_000_003, rank=rank, world_size=world_size)
         for k in range(4):
             b = held_out.batch(k)
             logits.append(program(b.dense, b.sparse).squeeze(-1).detach())
             labels.append(b.labels)
-    auc = float(binary_auroc(torch.sigmoid(torch.cat(logits)), torch.cat(labels).long()))
-    assert abs(auc - r0["auc"]) < 1e-4, (auc, r0["auc"])
+    return float(binary_auroc(torch.sigmoid(torch.cat(logits)), torch.cat(labels).long()))
+
+
+def test_bf16_tt_tables_train_checkpoint_and_export(tmp_path):
+    """--tt-data-type bf16: the TT tables train with bf16 cores, the checkpoint's model.json says so, and
+    export.py rebuilds them as bf16 (not fp32 tables that DCP would silently load the bf16 values into):
+    the exported program reproduces training's held-out AUC, and the size report counts 2-byte cores."""
+    from examples.dlrm import export
+    from examples.dlrm.model import size_report
+    argv = TINY + ["--steps", "12", "--eval-every", "12", "--tt-data-type", "bf16",
+                   "--ckpt-dir", str(tmp_path / "ckpt"), "--out", str(tmp_path)]
+    (s,) = run_ranks(_train, argv, world_size=1)
+    model = export.load_model(export.resolve_checkpoint(str(tmp_path / "ckpt")))
+    tt = model.sparse_arch.embedding_bag_collection.tt_tables
+    assert len(tt) == 5 and {c.dtype for m in tt.values() for c in m.core_list()} == {torch.bfloat16}
+    fp32_ratio = sum(m.num_embeddings * m.embedding_dim for m in tt.values()) / sum(
+        m.num_tt_parameters() for m in tt.values())
+    assert s["tt_compression"] == pytest.approx(2 * fp32_ratio) == size_report(model)["tt_compression"]
+    out = str(tmp_path / "model.pt2")
+    report = export.main([str(tmp_path / "ckpt"), "--out", out, "--check-batches", "2", "--batch-size", "64"])
+    assert report["max_abs_logit_diff"] <= 1e-5
+    auc = _held_out_auc(export.load_exported(out).module(), world_size=1)
+    assert abs(auc - s["auc"]) < 1e-4, (auc, s["auc"])
 
 
 def test_cached_tt_tables_train_and_resume_exactly(tmp_path):

@@ -311,3 +311,24 @@ def test_chooser_budgets_the_hot_row_cache():
     without = per_rank_bytes(plan, plain, world_size=2, fused_params=fused_params(), batch_size=BATCH)
     assert sum(b.total for b in with_cache) - sum(b.total for b in without) == sum(tt_cache_bytes(t) for t in tt) > 0
     assert all(b.total <= BUDGET for b in with_cache)
+
+
+def test_chooser_gives_half_cores_with_tt_data_type():
+    """``tt_data_type=BF16``: the chosen TT tables get bf16 cores (dense tables keep FP32), and the plan
+    budgets 2-byte cores, so a budget that forces fp32 cores down to a lower rank affords a higher one."""
+    from torchrec import DataType
+    from torchrec_tt.config import TTEmbeddingBagConfig
+    from torchrec_tt.planner import per_rank_bytes
+
+    def chosen(**kw):
+        tables, plan = choose(budget=60_000, **kw)
+        assert all(b.total <= 60_000 for b in per_rank_bytes(plan, tables, world_size=2, fused_params=fused_params(),
+                                                            batch_size=BATCH))
+        return tables
+    fp32, bf16 = chosen(), chosen(tt_data_type=DataType.BF16)
+    assert {t.data_type for t in fp32} == {DataType.FP32}
+    assert {t.data_type for t in bf16 if isinstance(t, TTEmbeddingBagConfig)} == {DataType.BF16}
+    assert {t.data_type for t in bf16 if not isinstance(t, TTEmbeddingBagConfig)} <= {DataType.FP32}
+    rank = {n: max(t.tt_ranks for t in ts if isinstance(t, TTEmbeddingBagConfig)) for n, ts in
+            [("fp32", fp32), ("bf16", bf16)]}
+    assert rank["bf16"] > rank["fp32"], rank

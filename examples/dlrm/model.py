@@ -6,7 +6,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 from torchrec.models.dlrm import DLRM
-from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, PoolingType
 
 from torchrec_tt.config import TTEmbeddingBagConfig
 from torchrec_tt.modules.tt_embedding_bag_collection import TTEmbeddingBagCollection
@@ -17,9 +17,9 @@ from examples.dlrm.data import CAT_FEATURES, NUM_DENSE
 def make_tables(cardinalities: Sequence[int], dim: int, tt_tables: int, tt_rank: int,
                 tt_optimizer: Optional[str], tt_lr: float, tt_init: str = "sampled_gaussian",
                 cache_fraction: Optional[float] = None, cache_refresh_interval: int = 1000,
-                ) -> List[EmbeddingBagConfig]:
+                tt_data_type: DataType = DataType.FP32) -> List[EmbeddingBagConfig]:
     """One table per categorical feature; the ``tt_tables`` largest become ``TTEmbeddingBagConfig``
-    (with a hot-row cache of ``cache_fraction`` of their rows when given)."""
+    with cores of ``tt_data_type`` (and a hot-row cache of ``cache_fraction`` of their rows when given)."""
     order = sorted(range(len(cardinalities)), key=lambda i: -cardinalities[i])
     tt = set(order[:tt_tables])
     tables: List[EmbeddingBagConfig] = []
@@ -30,7 +30,7 @@ def make_tables(cardinalities: Sequence[int], dim: int, tt_tables: int, tt_rank:
             tables.append(TTEmbeddingBagConfig(
                 **common, tt_ranks=tt_rank, weights_init=tt_init, optimizer=tt_optimizer,
                 learning_rate=tt_lr if tt_optimizer else None, cache_fraction=cache_fraction or None,
-                cache_refresh_interval=cache_refresh_interval))
+                cache_refresh_interval=cache_refresh_interval, data_type=tt_data_type))
         else:
             tables.append(EmbeddingBagConfig(**common))
     return tables
@@ -58,7 +58,8 @@ def model_record(tables: Sequence[EmbeddingBagConfig], dense_arch: Sequence[int]
     records = []
     for t in tables:
         r: Dict[str, Any] = {"name": t.name, "num_embeddings": t.num_embeddings, "embedding_dim": t.embedding_dim,
-                             "feature_names": list(t.feature_names), "pooling": t.pooling.name}
+                             "feature_names": list(t.feature_names), "pooling": t.pooling.name,
+                             "data_type": t.data_type.name}
         if isinstance(t, TTEmbeddingBagConfig):
             r["tt"] = {f.name: getattr(t, f.name) for f in dataclasses.fields(t) if f.name not in base}
             if dataclasses.is_dataclass(r["tt"]["optimizer"]):  # a FusedOptimizerConfig: rebuilding for
@@ -72,21 +73,24 @@ def model_from_record(record: Dict[str, Any], device: torch.device = torch.devic
     tables: List[EmbeddingBagConfig] = []
     for r in record["tables"]:
         common = dict(name=r["name"], num_embeddings=r["num_embeddings"], embedding_dim=r["embedding_dim"],
-                      feature_names=r["feature_names"], pooling=PoolingType[r["pooling"]])
+                      feature_names=r["feature_names"], pooling=PoolingType[r["pooling"]],
+                      data_type=DataType[r.get("data_type", "FP32")])  # records before 2026-11 lack it
         tables.append(TTEmbeddingBagConfig(**common, **r["tt"]) if "tt" in r else EmbeddingBagConfig(**common))
     return make_dlrm(tables, record["dense_arch"], record["over_arch"], device=device)
 
 
 def size_report(model: DLRM) -> Dict[str, float]:
-    """fp32 bytes of the embedding tables as dense vs as built (TT cores), and of the whole model.
+    """Bytes of the embedding tables as fp32 dense tables vs as built (TT cores and cached rows in their
+    own dtype: fp16 / bf16 cores count 2 bytes), and of the whole model.
 
     Optimizer state is excluded on both sides (row-wise Adagrad adds N floats per dense table).
     """
     ebc: TTEmbeddingBagCollection = model.sparse_arch.embedding_bag_collection
     dense_all = sum(t.num_embeddings * t.embedding_dim * 4 for t in ebc.embedding_bag_configs())
     tt_dense = sum(t.num_embeddings * t.embedding_dim * 4 for t in ebc.tt_configs())
-    tt_cache = sum(m.cache.weight.numel() * 4 for m in ebc.tt_tables.values() if m.cache is not None)
-    tt_ours = sum(m.num_tt_parameters() * 4 for m in ebc.tt_tables.values()) + tt_cache  # cached rows count
+    tt_cache = sum(m.cache.weight.numel() * m.cache.weight.element_size()
+                   for m in ebc.tt_tables.values() if m.cache is not None)
+    tt_ours = tt_cache + sum(m.tt_bytes(include_optimizer_state=False) for m in ebc.tt_tables.values())
     mlp = sum(p.numel() * 4 for n, p in model.named_parameters() if "embedding_bag_collection" not in n)
     ours = dense_all - tt_dense + tt_ours
     return {"emb_bytes_dense": dense_all, "emb_bytes_ours": ours, "tt_bytes_dense": tt_dense,
@@ -103,7 +107,7 @@ def describe_tables(model: DLRM) -> str:
         if t.name in ebc.tt_tables:
             m = ebc.tt_tables[t.name]
             lines.append(f"  {t.name:8s} {t.num_embeddings:>10,} x {t.embedding_dim}  TT ranks {m.ranks[1:-1]} "
-                         f"p={m.p_shapes} q={m.q_shapes} init={m.weights_init} opt="
+                         f"{t.data_type.name} p={m.p_shapes} q={m.q_shapes} init={m.weights_init} opt="
                          f"{m.optimizer.name if m.optimizer else 'dense-grad'}  {m.compression_ratio():,.0f}x"
                          + (f"  cache {m.cache.rows:,} rows" if m.cache is not None else ""))
     dense = [t for t in ebc.embedding_bag_configs() if t.name not in ebc.tt_tables]

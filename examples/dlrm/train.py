@@ -41,6 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 from fbgemm_gpu.split_embedding_configs import EmbOptimType  # noqa: E402
 from torchmetrics.functional.classification import binary_auroc  # noqa: E402
 from torchrec.distributed.model_parallel import DistributedModelParallel  # noqa: E402
+from torchrec.modules.embedding_configs import DataType  # noqa: E402
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper  # noqa: E402
 from torchrec.optim.optimizers import in_backward_optimizer_filter  # noqa: E402
 from tqdm import tqdm  # noqa: E402
@@ -81,6 +82,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     m.add_argument("--tt-cache-fraction", type=float, default=0.0,
                    help="hot-row cache of each TT table: this fraction of its rows kept uncompressed (0: none)")
     m.add_argument("--tt-cache-refresh", type=int, default=200, help="training steps between cache refreshes")
+    m.add_argument("--tt-data-type", default="fp32", choices=["fp32", "fp16", "bf16"],
+                   help="dtype of the TT cores and cached rows (fp32 accumulation; optimizer state stays fp32)")
     m.add_argument("--tt-init", default="sampled_gaussian", choices=["sampled_gaussian", "uniform", "normal"])
     m.add_argument("--tt-optimizer", default="rowwise_adagrad", choices=["rowwise_adagrad", "adagrad", "sgd", "none"],
                    help="fused optimizer of the TT cores; 'none' = dense core gradients + the MLP optimizer")
@@ -280,9 +283,10 @@ def dense_fused_params(args) -> Dict:
 
 def build_tables(args, cardinalities: List[int], world: int, device: torch.device, rank: int):
     tt_opt = None if args.tt_optimizer == "none" else args.tt_optimizer
+    tt_data_type = DataType[args.tt_data_type.upper()]
     if not args.auto_compress:
         return make_tables(cardinalities, args.embedding_dim, args.tt_tables, args.tt_rank, tt_opt, args.tt_lr,
-                           args.tt_init, args.tt_cache_fraction, args.tt_cache_refresh)
+                           args.tt_init, args.tt_cache_fraction, args.tt_cache_refresh, tt_data_type)
     try:
         from torchrec_tt.planner import choose_compression, make_topology
     except ImportError as e:
@@ -295,7 +299,7 @@ def build_tables(args, cardinalities: List[int], world: int, device: torch.devic
         if args.tt_cache_fraction else {}
     tables, _ = choose_compression(dense, topology, batch_size=args.batch_size, min_rank=1, max_rank=64,
                                    tt_optimizer=tt_opt, tt_learning_rate=args.tt_lr if tt_opt else None,
-                                   tt_cache=cache, fused_params=dense_fused_params(args))
+                                   tt_cache=cache, tt_data_type=tt_data_type, fused_params=dense_fused_params(args))
     if rank == 0:
         chosen = [f"{t.name} (rank {t.tt_ranks})" for t in tables if isinstance(t, TTEmbeddingBagConfig)]
         print(f"compression chooser, {args.hbm_gb} GB per rank: TT tables {chosen or 'none (all dense fit)'}")
@@ -438,11 +442,11 @@ def main(argv: Optional[List[str]] = None) -> Dict:
 
 
 def print_summary(s: Dict) -> None:
-    print("\n== summary ==")
-    print(f"embedding tables: {human_bytes(s['emb_bytes_dense'])} dense -> {human_bytes(s['emb_bytes_ours'])} "
+    print("\n== summary ==")  # dense = fp32 tables; TT = cores (and cached rows) in their own dtype
+    print(f"embedding tables: {human_bytes(s['emb_bytes_dense'])} dense fp32 -> {human_bytes(s['emb_bytes_ours'])} "
           f"with TT ({s['emb_compression']:.1f}x); the {s['tt_tables']} TT tables: "
           f"{human_bytes(s['tt_bytes_dense'])} -> {human_bytes(s['tt_bytes_ours'])} ({s['tt_compression']:,.0f}x)")
-    print(f"whole model (tables + MLPs, fp32): {s['model_compression']:.1f}x smaller")
+    print(f"whole model (tables + MLPs): {s['model_compression']:.1f}x smaller than with fp32 dense tables")
     if s["auc"] is not None:
         print(f"eval AUC {s['auc']:.4f}, log loss {s['logloss']:.4f}")
     for name, c in s.get("tt_cache", {}).items():

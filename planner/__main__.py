@@ -64,6 +64,7 @@ def calibrate(bench_json: str, device: str, out: str, config: str = "a") -> dict
 
 def plan_main(args: argparse.Namespace) -> int:
     from torchrec.distributed.planner.stats import NoopEmbeddingStats  # quiet: we print our own report
+    from torchrec.modules.embedding_configs import DataType
 
     from .report import format_plan
     from .tables import load_constraints, load_tables
@@ -76,6 +77,7 @@ def plan_main(args: argparse.Namespace) -> int:
         choice = choose(
             tables, topology, batch_size=args.batch_size, min_rank=args.min_rank, max_rank=args.max_rank,
             num_cores=args.num_cores, tt_optimizer=args.optimizer, constraints=constraints,
+            tt_data_type=DataType[args.tt_data_type.upper()] if args.tt_data_type else None,
             stats=[NoopEmbeddingStats()])
     except InsufficientMemoryError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -114,6 +116,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--num-cores", type=int, default=3)
     ap.add_argument("--optimizer", default=None, help="TT fused optimizer (sgd, adagrad, rowwise_adagrad); "
                     "default: dense core gradients")
+    ap.add_argument("--tt-data-type", default=None, choices=["fp32", "fp16", "bf16"],
+                    help="dtype of the TT cores (default: the table's own data_type)")
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.ERROR)

@@ -332,3 +332,14 @@ def test_chooser_gives_half_cores_with_tt_data_type():
     rank = {n: max(t.tt_ranks for t in ts if isinstance(t, TTEmbeddingBagConfig)) for n, ts in
             [("fp32", fp32), ("bf16", bf16)]}
     assert rank["bf16"] > rank["fp32"], rank
+
+
+def test_cli_tt_data_type_halves_the_tt_bytes(capsys):
+    from torchrec_tt.planner.__main__ import main
+    args = ["--tables", "kaggle", "--dim", "128", "--world-size", "8", "--hbm-gb", "0.5"]
+    tt_mib = {}
+    for dt in ("fp32", "bf16"):
+        assert main(args + ["--tt-data-type", dt]) == 0
+        row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("t_C3 "))
+        tt_mib[dt] = float(row.split()[4])  # table rows dim dense-MiB TT-MiB ...
+    assert tt_mib["bf16"] == pytest.approx(tt_mib["fp32"] / 2, abs=0.01), tt_mib

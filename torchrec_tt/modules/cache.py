@@ -414,16 +414,20 @@ class TTRowCache(nn.Module):
         self._rebuild_map()
 
     def _write_back(self, table, ids: torch.Tensor, target: torch.Tensor) -> None:
-        """Fit the core slices touched by ``ids`` so that ``tt_rows(ids) ~= target`` (L-BFGS)."""
+        """Fit the core slices touched by ``ids`` so that ``tt_rows(ids) ~= target`` (L-BFGS).
+
+        Half cores are fitted in fp32 (L-BFGS's line search overflows fp16; in bf16 it fits 2-3x worse) and
+        rounded once at the end; the residual reported is the rounded cores'."""
         cores = table.core_list()
+        fit_dtype = torch.promote_types(cores[0].dtype, torch.float32)
         digits = row_digits(ids, table.p_shapes)
         uniq, inv = zip(*(torch.unique(d, return_inverse=True) for d in digits))
-        params = [c.detach()[u].clone().requires_grad_(True) for c, u in zip(cores, uniq)]
-        target = target.detach().to(params[0].dtype)
+        params = [c.detach()[u].to(fit_dtype).requires_grad_(True) for c, u in zip(cores, uniq)]
+        target = target.detach().to(fit_dtype)
         norm = target.norm().clamp_min(1e-30)
 
-        def loss_fn():  # relative squared error: scale-free tolerances
-            return (_chain([p[i] for p, i in zip(params, inv)]) - target).square().sum() / norm.square()
+        def loss_fn(slices=params):  # relative squared error: scale-free tolerances
+            return (_chain([p[i] for p, i in zip(slices, inv)]) - target).square().sum() / norm.square()
 
         with torch.enable_grad():
             before = float(loss_fn().detach().sqrt())
@@ -438,10 +442,11 @@ class TTRowCache(nn.Module):
 
             if self.writeback_steps > 0:
                 opt.step(closure)
-            after = float(loss_fn().detach().sqrt())
+        fitted = [p.detach().to(c.dtype) for c, p in zip(cores, params)]
+        after = float(loss_fn([f.to(fit_dtype) for f in fitted]).sqrt())
         if after <= before:  # never make the cores worse than they were
-            for c, u, p in zip(cores, uniq, params):
-                c.data.index_copy_(0, u, p.detach())
+            for c, u, f in zip(cores, uniq, fitted):
+                c.data.index_copy_(0, u, f)
         else:
             after = before
         self.writeback_stats.copy_(torch.tensor([before, after, self.writeback_stats[2].item() + ids.numel()]))

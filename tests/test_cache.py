@@ -216,6 +216,24 @@ def test_half_table_writes_back_through_an_fp32_fit(dtype, seed=1):
     assert checked >= 3 and t.cache_stats()["rows_written_back"] > 0
 
 
+def test_refresh_refuses_non_finite_rows_and_leaves_state_untouched():
+    """A diverged cached row (NaN) cannot be written back: refresh raises naming the table before it
+    changes anything (L-BFGS on it crashed with 'value cannot be converted to type float')."""
+    t = TTEmbeddingBag(512, 8, **SHAPE, optimizer=None, cache_rows=16, cache_refresh_interval=1000, name="clicks")
+    g = torch.Generator().manual_seed(3)
+    t(skewed(64, 40, g), torch.arange(0, 64, 8)).sum().backward()
+    t.refresh_cache()
+    t(skewed(64, 40, g), torch.arange(0, 64, 8)).sum().backward()
+    live = torch.nonzero(t.cache.cached_ids >= 0).reshape(-1)
+    with torch.no_grad():
+        t.cache.weight[live[0], 3] = float("nan")
+    before = copy.deepcopy(t.state_dict())
+    with pytest.raises(FloatingPointError, match=r"table 'clicks': the hot-row cache holds NaN or infinity"):
+        t.refresh_cache()
+    for k, v in t.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0, equal_nan=True, msg=k)
+
+
 def test_counts_decay_and_stay_bounded():
     t = TTEmbeddingBag(512, 8, **SHAPE, cache_rows=8, cache_refresh_interval=5, cache_decay=0.5, name="dec")
     t.train()

@@ -359,6 +359,12 @@ class TTRowCache(nn.Module):
     @torch.no_grad()
     def refresh(self, table) -> None:
         """Admit the top-count rows, write evicted trained rows back into the cores, rebuild the map."""
+        if not bool(torch.isfinite(self.weight[self.cached_ids >= 0]).all()):  # before any state changes
+            raise FloatingPointError(
+                f"table '{table.name}': the hot-row cache holds NaN or infinity in its rows at refresh, so they "
+                "cannot be written back into the cores: training diverged (learning rate? an fp16 table's "
+                "optimizer eps below fp16's smallest value, such as torch.optim.Adagrad's default 1e-10, "
+                "divides by zero)")
         self._merge()
         trained = self.trained.clone()
         group = None if self.process_group == "default" else self.process_group

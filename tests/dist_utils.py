@@ -66,8 +66,9 @@ def run_ranks(fn, *args, world_size: int = 2, timeout: float = 150.0):
     return [results[r] for r in range(world_size)]
 
 
-def random_kjt(tables, batch: int, seed: int, min_len: int, max_len: int):
-    """A seeded KJT over every feature of ``tables``: bag lengths in [min_len, max_len), ids in range."""
+def random_kjt(tables, batch: int, seed: int, min_len: int, max_len: int, weighted: bool = False):
+    """A seeded KJT over every feature of ``tables``: bag lengths in [min_len, max_len), ids in range
+    (``weighted``: fp32 weights in [0, 1), as TorchRec's weighted features)."""
     import torch
     from torchrec import KeyedJaggedTensor
     g = torch.Generator().manual_seed(seed)
@@ -75,4 +76,6 @@ def random_kjt(tables, batch: int, seed: int, min_len: int, max_len: int):
     lengths = torch.randint(min_len, max_len, (len(feats) * batch,), generator=g)
     values = torch.cat([torch.randint(0, n, (int(lengths[i * batch:(i + 1) * batch].sum()),), generator=g)
                         for i, (_, n) in enumerate(feats)])
-    return KeyedJaggedTensor.from_lengths_sync(keys=[f for f, _ in feats], values=values, lengths=lengths)
+    weights = torch.rand(values.numel(), generator=g) if weighted else None
+    return KeyedJaggedTensor.from_lengths_sync(keys=[f for f, _ in feats], values=values, lengths=lengths,
+                                               weights=weights)

@@ -202,21 +202,29 @@ def test_cached_tables_read_like_uncached():
         torch.testing.assert_close(model(kjt).values(), plain(kjt).values())
 
 
+@pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("data_type", ["FP16", "BF16"])
-def test_half_data_type_tables_train_on_cpu(data_type):
+def test_half_data_type_tables_train_on_cpu(data_type, weighted):
     # data_type FP16 / BF16: half cores (and fp32 optimizer state) computed in fp32 by the CPU op: the
     # output is the FP32 table's on the same rounded cores, rounded once; a fused step stays close.
+    # Weighted: the KJT's weights are fp32, as TorchRec makes them (FBGEMM's TBE takes them with fp16
+    # tables); the collection hands them to the table in its dtype.
     from torchrec.modules.embedding_configs import DataType
+    dtype = {"FP16": torch.float16, "BF16": torch.bfloat16}[data_type]
     kw = dict(name="u", embedding_dim=8, num_embeddings=500, feature_names=["u"], tt_ranks=4,
               optimizer="rowwise_adagrad", learning_rate=0.1)
-    half = TTEmbeddingBagCollection([TTEmbeddingBagConfig(**kw, data_type=DataType[data_type])])
-    full = TTEmbeddingBagCollection([TTEmbeddingBagConfig(**kw)])
+    half = TTEmbeddingBagCollection([TTEmbeddingBagConfig(**kw, data_type=DataType[data_type])], is_weighted=weighted)
+    full = TTEmbeddingBagCollection([TTEmbeddingBagConfig(**kw)], is_weighted=weighted)
     with torch.no_grad():
         for a, b in zip(full.tt_tables["u"].cores, half.tt_tables["u"].cores):
             a.copy_(b.float())
-    kjt = random_kjt([TTEmbeddingBagConfig(**kw)], 16, False, torch.Generator().manual_seed(0))
+    kjt = random_kjt([TTEmbeddingBagConfig(**kw)], 16, weighted, torch.Generator().manual_seed(0))
+    if weighted:  # weights the half dtype holds exactly, so both tables see the same ones
+        kjt = KeyedJaggedTensor(keys=kjt.keys(), values=kjt.values(), lengths=kjt.lengths(),
+                                weights=kjt.weights().to(dtype).float())
+        assert kjt.weights().dtype == torch.float32
     out_half, out_full = half(kjt).values(), full(kjt).values()
-    assert out_half.dtype == {"FP16": torch.float16, "BF16": torch.bfloat16}[data_type]
+    assert out_half.dtype == dtype
     assert torch.equal(out_half, out_full.to(out_half.dtype))
     out_half.float().square().sum().backward()
     out_full.square().sum().backward()

@@ -41,9 +41,10 @@ def concat(kjts):
     from torchrec import KeyedJaggedTensor
     keys = kjts[0].keys()
     ds = [k.to_dict() for k in kjts]
+    weights = torch.cat([d[f].weights() for f in keys for d in ds]) if kjts[0].weights_or_none() is not None else None
     return KeyedJaggedTensor.from_lengths_sync(
         keys=keys, values=torch.cat([d[f].values() for f in keys for d in ds]),
-        lengths=torch.cat([d[f].lengths() for f in keys for d in ds]))
+        lengths=torch.cat([d[f].lengths() for f in keys for d in ds]), weights=weights)
 
 
 def loss_fn(kt):
@@ -150,6 +151,66 @@ def test_sharded_forward_and_training_match_unsharded():
     assert all("t_dp" in s for s in local)
     for t in ["t_tw", "t_tw2"]:
         assert sum(t in s for s in local) == 1
+
+
+# ---- mixed table dtypes, weighted features -------------------------------------------------------
+
+def _mixed_dtypes(rank, world):
+    """bf16 and fp16 TT tables table-wise on different ranks, an fp32 one data-parallel, fp32 KJT weights."""
+    import torch.distributed as dist
+    from torchrec import DataType, EmbeddingBagConfig
+    from torchrec.distributed.model_parallel import DistributedModelParallel
+    from torchrec.distributed.planner.types import ParameterConstraints
+    from torchrec.optim.optimizers import in_backward_optimizer_filter
+    from torchrec_tt.config import TTEmbeddingBagConfig
+    from torchrec_tt.distributed import get_sharders_and_planner
+    from torchrec_tt.modules.tt_embedding_bag_collection import TTEmbeddingBagCollection
+    torch.manual_seed(0)
+    tables = [
+        EmbeddingBagConfig(name="d", embedding_dim=4, num_embeddings=20, feature_names=["f0"]),
+        TTEmbeddingBagConfig(name="t_bf16", embedding_dim=8, num_embeddings=100, feature_names=["f1"], tt_ranks=3,
+                             data_type=DataType.BF16, optimizer="rowwise_adagrad", learning_rate=LR),
+        TTEmbeddingBagConfig(name="t_fp16", embedding_dim=4, num_embeddings=50, feature_names=["f2"], tt_ranks=2,
+                             data_type=DataType.FP16),
+        TTEmbeddingBagConfig(name="t_fp32", embedding_dim=4, num_embeddings=64, feature_names=["f3"], tt_ranks=2),
+    ]
+    model = TTEmbeddingBagCollection(tables, is_weighted=True)
+    ref = copy.deepcopy(model)
+    cons = {"t_bf16": "table_wise", "t_fp16": "table_wise", "t_fp32": "data_parallel", "d": "data_parallel"}
+    sharders, planner = get_sharders_and_planner(
+        model, world, BATCH, constraints={n: ParameterConstraints(sharding_types=[s]) for n, s in cons.items()})
+    plan = planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
+    dmp = DistributedModelParallel(model, device=torch.device("cpu"), plan=plan, sharders=sharders)
+    dmp.load_state_dict(ref.state_dict())
+    placement = _find_sharded(dmp).plan_summary()
+    dense = [p for _, p in in_backward_optimizer_filter(dmp.named_parameters())]
+    opt = torch.optim.SGD(dense, lr=LR)
+    ref_opt = torch.optim.SGD([p for _, p in in_backward_optimizer_filter(ref.named_parameters())], lr=LR)
+    outs, ref_outs = [], []
+    for step in range(2):  # the sharded step on the local batch == the unsharded one on the global batch
+        kjts = [random_kjt(tables, BATCH, 10 * step + r, 0, 4, weighted=True) for r in range(world)]
+        out = dmp(kjts[rank])
+        glob = ref(concat(kjts))
+        assert out.values().dtype == glob.values().dtype == torch.float32
+        outs.append(out.values().detach())
+        ref_outs.append(glob.values().detach()[rank * BATCH:(rank + 1) * BATCH])
+        opt.zero_grad()
+        loss_fn(out).backward()
+        opt.step()
+        ref_opt.zero_grad()
+        loss_fn(glob).backward()
+        ref_opt.step()
+    return placement, [o.tolist() for o in outs], [o.tolist() for o in ref_outs]  # plain data through the queue
+
+
+def test_mixed_dtype_tables_and_weighted_features_match_unsharded():
+    # The pooled all-to-all moved bf16 and fp16 blocks as each other (silently wrong outputs) or crashed
+    # against an fp32 block; weighted features handed fp32 KJT weights to half tables (TypeError).
+    for placement, outs, ref_outs in run_ranks(_mixed_dtypes):
+        assert placement["t_fp32"] == "data_parallel"
+        assert {placement["t_bf16"], placement["t_fp16"]} == {"table_wise@rank0", "table_wise@rank1"}, placement
+        for out, ref_out in zip(outs, ref_outs):
+            torch.testing.assert_close(torch.tensor(out), torch.tensor(ref_out), rtol=1e-6, atol=1e-7)
 
 
 # ---- checkpoint / resume -------------------------------------------------------------------------

@@ -60,6 +60,7 @@ from ..modules.tt_embedding_bag import TTEmbeddingBag
 from ..modules.tt_embedding_bag_collection import (
     TTEmbeddingBagCollection,
     check_kjt,
+    lookup_feature,
     mark_in_backward,
     tt_module_from_config,
     _select,
@@ -184,6 +185,10 @@ class ShardedTTEmbeddingBagCollection(ShardedModule[Any, Any, KeyedTensor, Any],
         self._tw_slots = [s for slots in self._tw_slots_by_rank for s in slots]
         dims = {t.name: t.embedding_dim for t in self._configs}
         self._tw_dims = [sum(dims[t] for t, _, _ in slots) for slots in self._tw_slots_by_rank]
+        # one dtype for the pooled all-to-all on every rank (its buffers are raw bytes: a bf16 block read as
+        # fp16, or fp32 as bf16, is garbage): the table-wise tables' common dtype, else fp32
+        tw_dtypes = {self._tt_configs[t].core_dtype() for t, _, _ in self._tw_slots}
+        self._tw_dtype = tw_dtypes.pop() if len(tw_dtypes) == 1 else torch.float32
         # communication modules are kept out of the module tree (their buffers must not reach state_dict)
         self._comms: Dict[str, nn.Module] = {}
         if self._tw_slots:
@@ -310,14 +315,15 @@ class ShardedTTEmbeddingBagCollection(ShardedModule[Any, Any, KeyedTensor, Any],
             mine = self._tw_slots_by_rank[self._rank]
             if mine:
                 jt = dist_input["tw"].to_dict()
-                local = torch.cat([self._lookup(t, jt[f"{t}/{key}"]) for t, _, key in mine], dim=1)
+                local = torch.cat([self._lookup(t, jt[f"{t}/{key}"]).to(self._tw_dtype) for t, _, key in mine], dim=1)
             else:  # no local table-wise table: still take part (with a graph node) in both all-to-alls
-                local = torch.zeros(dist_input["batch"] * self._world, 0, device=self._device, requires_grad=True)
+                local = torch.zeros(dist_input["batch"] * self._world, 0, device=self._device, dtype=self._tw_dtype,
+                                    requires_grad=True)
             out["tw"] = local
         return out
 
     def _lookup(self, table: str, jt) -> torch.Tensor:
-        return self.tt_tables[table](jt.values(), jt.offsets(), jt.weights() if self._is_weighted else None)
+        return lookup_feature(self.tt_tables[table], jt, self._is_weighted)
 
     def output_dist(self, ctx: None, output: Dict[str, Any]) -> LazyAwaitable[KeyedTensor]:
         pooled: Dict[str, torch.Tensor] = {}

@@ -32,6 +32,13 @@ def tt_module_from_config(config: TTEmbeddingBagConfig, device: Optional[torch.d
     return table
 
 
+def lookup_feature(table: TTEmbeddingBag, feature, weighted: bool) -> torch.Tensor:
+    """``table`` pooled over one feature's JaggedTensor. KJT weights are fp32 whatever the table's
+    dtype (FBGEMM's TBE takes them so with fp16 tables); the op wants them in the cores' dtype."""
+    weights = feature.weights().to(table.core_list()[0].dtype) if weighted else None
+    return table(feature.values(), feature.offsets(), weights)
+
+
 def mark_in_backward(table: TTEmbeddingBag) -> None:
     """Mark the cores of a fused-optimizer table with TorchRec's in-backward convention, so
     ``torchrec.optim.optimizers.in_backward_optimizer_filter`` keeps them out of dense optimizers."""
@@ -243,9 +250,7 @@ class TTEmbeddingBagCollection(nn.Module):
         for table_name, feature, key in self._features:
             if table_name in self._dense_names:
                 continue
-            f = jt[feature]
-            pooled[key] = self.tt_tables[table_name](
-                f.values(), f.offsets(), f.weights() if self._is_weighted else None)
+            pooled[key] = lookup_feature(self.tt_tables[table_name], jt[feature], self._is_weighted)
         return KeyedTensor(keys=list(self._embedding_names),
                            values=torch.cat([pooled[k] for k in self._embedding_names], dim=1),
                            length_per_key=list(self._length_per_key))

@@ -22,6 +22,10 @@ no-op: the update happens in backward), combined with the dense child's fused op
 
 Inputs are validated on every rank before any collective (unknown/missing feature, lengths vs values,
 ids out of range naming the table), so identical bad input fails everywhere without a hang.
+
+The stages (``input_dist`` / ``compute_and_output_dist``) have the shapes TorchRec's train pipelines
+expect, so ``TrainPipelineSparseDist`` pipelines the collection (input distribution a batch ahead, the
+splits all-to-alls fused with other sharded modules'), dense tables and TT tables alike.
 """
 from __future__ import annotations
 
@@ -38,11 +42,13 @@ from torch.distributed._shard.sharded_tensor import (
     TensorProperties,
 )
 from torchrec.distributed.dist_data import KJTAllToAll, PooledEmbeddingsAllToAll
-from torchrec.distributed.embedding_types import EmbeddingComputeKernel
+from torchrec.distributed.embedding_sharding import KJTListSplitsAwaitable
+from torchrec.distributed.embedding_types import EmbeddingComputeKernel, KJTList
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.types import (
     Awaitable,
     LazyAwaitable,
+    LazyNoWait,
     ModuleSharder,
     NoWait,
     ParameterSharding,
@@ -53,6 +59,7 @@ from torchrec.distributed.types import (
 from torchrec.distributed.utils import append_prefix
 from torchrec.optim.fused import FusedOptimizerModule
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer
+from torchrec.streamable import Multistreamable
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from ..config import TTEmbeddingBagConfig
@@ -66,7 +73,7 @@ from ..modules.tt_embedding_bag_collection import (
     _select,
 )
 
-__all__ = ["TT_COMPUTE_KERNEL", "TT_SHARDING_TYPES", "ShardedTTEmbeddingBagCollection",
+__all__ = ["TT_COMPUTE_KERNEL", "TT_SHARDING_TYPES", "ShardedTTEmbeddingBagCollection", "TTCollectionContext",
            "TTEmbeddingBagCollectionSharder"]
 
 TT_COMPUTE_KERNEL = EmbeddingComputeKernel.CUSTOMIZED_KERNEL.value
@@ -83,6 +90,25 @@ def _whole_on_rank(tensor: Optional[torch.Tensor], shape: torch.Size, dtype: tor
     gmd = ShardedTensorMetadata(shards_metadata=[md], size=torch.Size(shape), tensor_properties=props)
     local = [Shard(tensor=tensor, metadata=md)] if tensor is not None else []
     return ShardedTensor._init_from_local_shards_and_global_metadata(local, gmd, process_group=pg)
+
+
+class TTCollectionContext(Multistreamable):
+    """Per-batch state between the stages: the dense child's context, the local batch size and how many
+    of the distributed inputs are the dense child's. ``sharding_contexts`` exposes the child's, so
+    TorchRec's awaitables record the dense all-to-all splits where the child reads them."""
+
+    def __init__(self, dense_ctx: Optional[Multistreamable] = None) -> None:
+        self.dense_ctx = dense_ctx
+        self.batch = 0
+        self.num_dense = 0
+
+    @property
+    def sharding_contexts(self) -> List[Any]:
+        return getattr(self.dense_ctx, "sharding_contexts", [])
+
+    def record_stream(self, stream: torch.Stream) -> None:
+        if self.dense_ctx is not None:
+            self.dense_ctx.record_stream(stream)
 
 
 class _TTFusedOptimizer(KeyedOptimizer):
@@ -177,6 +203,7 @@ class ShardedTTEmbeddingBagCollection(ShardedModule[Any, Any, KeyedTensor, Any],
         # data-parallel slots: (table, feature, key); table-wise slots grouped by owner rank
         self._dp_slots = [s for s in self._features if self._tt_placement.get(s[0], ("", None))[0]
                           == ShardingType.DATA_PARALLEL.value]
+        self._dp_features = list(dict.fromkeys(f for _, f, _ in self._dp_slots))
         self._tw_slots_by_rank: List[List[Tuple[str, str, str]]] = [[] for _ in range(self._world)]
         for s in self._features:
             placement = self._tt_placement.get(s[0])
@@ -285,47 +312,56 @@ class ShardedTTEmbeddingBagCollection(ShardedModule[Any, Any, KeyedTensor, Any],
                     yield k
 
     # ---- forward ----------------------------------------------------------------------------------
+    # TorchRec's three stages, in the shapes its train pipelines expect: input_dist returns a
+    # KJTListSplitsAwaitable whose awaitables are the dense child's input dists, then the table-wise
+    # features' KJTAllToAll, then the data-parallel features (local); TrainPipelineSparseDist fuses
+    # the splits all-to-alls of every such module and runs input_dist a batch ahead.
 
-    def create_context(self) -> None:
-        return None
+    def create_context(self) -> "TTCollectionContext":
+        return TTCollectionContext(self.dense.create_context() if self.dense is not None else None)
 
-    def input_dist(self, ctx: None, features: KeyedJaggedTensor) -> Awaitable[Dict[str, Any]]:
+    def input_dist(self, ctx: "TTCollectionContext", features: KeyedJaggedTensor) -> KJTListSplitsAwaitable:
         check_kjt(features, self._feature_names, self._is_weighted, self._bounds)
-        out: Dict[str, Any] = {"batch": features.stride()}
+        ctx.batch = features.stride()
+        awaitables: List[Any] = []
         if self.dense is not None:
-            out["dense"] = _select(features, self._dense_features)
+            dense = self.dense.input_dist(ctx.dense_ctx, _select(features, self._dense_features))
+            awaitables.extend(dense.awaitables)
+            ctx.num_dense = len(dense.awaitables)
         jt = features.to_dict() if (self._dp_slots or self._tw_slots) else {}
-        out["dp"] = {(t, key): jt[f] for t, f, key in self._dp_slots}
         if self._tw_slots:
             parts = [jt[f] for _, f, _ in self._tw_slots]
             weights = torch.cat([p.weights() for p in parts]) if self._is_weighted else None
-            tw_kjt = KeyedJaggedTensor.from_lengths_sync(
+            awaitables.append(self._comms["kjt"](KeyedJaggedTensor.from_lengths_sync(
                 keys=[f"{t}/{key}" for t, _, key in self._tw_slots],
                 values=torch.cat([p.values() for p in parts]), lengths=torch.cat([p.lengths() for p in parts]),
-                weights=weights)
-            out["tw"] = self._comms["kjt"](tw_kjt).wait().wait()
-        return NoWait(out)
+                weights=weights)))
+        if self._dp_slots:  # no communication: this rank's own features
+            awaitables.append(NoWait(NoWait(_select(features, self._dp_features))))
+        return KJTListSplitsAwaitable(awaitables, ctx)
 
-    def compute(self, ctx: None, dist_input: Dict[str, Any]) -> Dict[str, Any]:
-        out: Dict[str, Any] = {"batch": dist_input["batch"]}
+    def compute(self, ctx: "TTCollectionContext", dist_input: KJTList) -> Dict[str, Any]:
+        out: Dict[str, Any] = {}
+        n = ctx.num_dense
         if self.dense is not None:
-            out["dense"] = self.dense(dist_input["dense"])
-        out["dp"] = {key: self._lookup(t, jt) for (t, key), jt in dist_input["dp"].items()}
+            out["dense"] = self.dense.compute_and_output_dist(ctx.dense_ctx, KJTList(list(dist_input)[:n]))
         if self._tw_slots:
             mine = self._tw_slots_by_rank[self._rank]
             if mine:
-                jt = dist_input["tw"].to_dict()
+                jt = dist_input[n].to_dict()
                 local = torch.cat([self._lookup(t, jt[f"{t}/{key}"]).to(self._tw_dtype) for t, _, key in mine], dim=1)
             else:  # no local table-wise table: still take part (with a graph node) in both all-to-alls
-                local = torch.zeros(dist_input["batch"] * self._world, 0, device=self._device, dtype=self._tw_dtype,
+                local = torch.zeros(ctx.batch * self._world, 0, device=self._device, dtype=self._tw_dtype,
                                     requires_grad=True)
             out["tw"] = local
+        jt = dist_input[len(dist_input) - 1].to_dict() if self._dp_slots else {}
+        out["dp"] = {key: self._lookup(t, jt[f]) for t, f, key in self._dp_slots}
         return out
 
     def _lookup(self, table: str, jt) -> torch.Tensor:
         return lookup_feature(self.tt_tables[table], jt, self._is_weighted)
 
-    def output_dist(self, ctx: None, output: Dict[str, Any]) -> LazyAwaitable[KeyedTensor]:
+    def output_dist(self, ctx: "TTCollectionContext", output: Dict[str, Any]) -> LazyAwaitable[KeyedTensor]:
         pooled: Dict[str, torch.Tensor] = {}
         if self.dense is not None:
             kt = output["dense"]
@@ -340,13 +376,13 @@ class ShardedTTEmbeddingBagCollection(ShardedModule[Any, Any, KeyedTensor, Any],
                 pooled[key] = received[:, offset:offset + dims[t]]
                 offset += dims[t]
         values = torch.cat([pooled[k] for k in self._embedding_names], dim=1)
-        return NoWait(KeyedTensor(keys=list(self._embedding_names), values=values,
-                                  length_per_key=list(self._length_per_key)))  # type: ignore[return-value]
+        return LazyNoWait(KeyedTensor(keys=list(self._embedding_names), values=values,
+                                      length_per_key=list(self._length_per_key)))
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:  # type: ignore[override]
         ctx = self.create_context()
-        dist_input = self.input_dist(ctx, features).wait()
-        return self.output_dist(ctx, self.compute(ctx, dist_input)).wait()
+        dist_input = self.input_dist(ctx, features).wait().wait()
+        return self.compute_and_output_dist(ctx, dist_input).wait()
 
     @property
     def unsharded_module_type(self) -> Type[TTEmbeddingBagCollection]:

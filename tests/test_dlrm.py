@@ -185,6 +185,20 @@ def test_resume_from_checkpoint_matches_uninterrupted(two_rank_run, tmp_path):
     assert _metrics(resumed["history"]) == _metrics(r0["history"])  # same evaluations at steps 5..20, bit for bit
 
 
+def test_train_pipeline_matches_the_plain_loop_and_resumes(two_rank_run, tmp_path):
+    """--pipeline (TorchRec's TrainPipelineSparseDist, detached for each evaluation and checkpoint): the
+    same evaluations as the plain loop, bit for bit, and so does a pipelined run resumed from its
+    step-10 checkpoint."""
+    d, argv, (r0, _) = two_rank_run
+    base = argv[:argv.index("--ckpt-dir")] + ["--pipeline"]
+    piped, _ = run_ranks(_train, base + ["--ckpt-dir", str(tmp_path / "ckpt"), "--ckpt-every", "10",
+                                         "--out", str(tmp_path / "a")])
+    assert _metrics(piped["history"]) == _metrics(r0["history"])
+    resumed, _ = run_ranks(_train, base + ["--resume-from", str(tmp_path / "ckpt" / "step_0000010"),
+                                           "--out", str(tmp_path / "b")])
+    assert _metrics(resumed["history"]) == _metrics(r0["history"])
+
+
 def test_export_serves_the_trained_model(two_rank_run, tmp_path):
     """examples/dlrm/export.py: the 2-rank checkpoint (table-wise TT tables, sharded dense tables) in one
     unsharded model, exported with a dynamic batch size and packaged by AOTInductor; the saved program's

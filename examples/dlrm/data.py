@@ -18,6 +18,7 @@ from typing import Iterable, Iterator, List, Optional, Sequence
 import numpy as np
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from torchrec.streamable import Pipelineable
 
 NUM_DENSE = 13
 CAT_FEATURES = [f"cat_{i}" for i in range(26)]
@@ -29,10 +30,25 @@ TERABYTE_CARDINALITIES = [45833188, 36746, 17245, 7413, 20243, 3, 7114, 1441, 62
 
 
 @dataclass
-class Batch:
+class Batch(Pipelineable):
+    """One batch; Pipelineable (``to``, ``record_stream``, ``pin_memory``) so TorchRec's train pipelines
+    can copy it to the device ahead of its step."""
     dense: torch.Tensor
     sparse: KeyedJaggedTensor
     labels: torch.Tensor
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> "Batch":
+        return Batch(self.dense.to(device, non_blocking=non_blocking),
+                     self.sparse.to(device, non_blocking=non_blocking),
+                     self.labels.to(device, non_blocking=non_blocking))
+
+    def record_stream(self, stream: torch.Stream) -> None:
+        self.dense.record_stream(stream)
+        self.sparse.record_stream(stream)
+        self.labels.record_stream(stream)
+
+    def pin_memory(self) -> "Batch":
+        return Batch(self.dense.pin_memory(), self.sparse.pin_memory(), self.labels.pin_memory())
 
 
 def _kjt(cat_ids: np.ndarray) -> KeyedJaggedTensor:

@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 from torchrec.models.dlrm import DLRM
 from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, PoolingType
 
@@ -36,18 +37,30 @@ def make_tables(cardinalities: Sequence[int], dim: int, tt_tables: int, tt_rank:
     return tables
 
 
+class DLRMTrainStep(DLRM):
+    """DLRM whose forward takes a ``Batch`` and returns ``(loss, (loss, logits, labels))``: the shape
+    TorchRec's train pipelines call (as ``torchrec.models.dlrm.DLRMTrain``), with DLRM's own parameter
+    names, so its checkpoints load into a plain ``DLRM`` for export."""
+
+    def forward(self, batch) -> Tuple[torch.Tensor, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        logits = super().forward(batch.dense, batch.sparse).squeeze(-1)
+        loss = F.binary_cross_entropy_with_logits(logits, batch.labels)
+        return loss, (loss.detach(), logits.detach(), batch.labels)
+
+
 def make_dlrm(tables: List[EmbeddingBagConfig], dense_arch: Sequence[int], over_arch: Sequence[int],
-              device: torch.device = torch.device("meta")) -> DLRM:
-    """TorchRec's DLRM over a ``TTEmbeddingBagCollection`` (a drop-in for its EmbeddingBagCollection).
+              device: torch.device = torch.device("meta"), train_step: bool = False) -> DLRM:
+    """TorchRec's DLRM over a ``TTEmbeddingBagCollection`` (a drop-in for its EmbeddingBagCollection);
+    ``train_step``: a ``DLRMTrainStep``.
 
     Embedding tables are created on ``device`` (``meta`` by default: DMP materialises them after
     sharding, so no rank ever allocates a full table it does not own); MLPs live on the CPU first.
     """
     ebc = TTEmbeddingBagCollection(tables, device=device)
     dim = tables[0].embedding_dim
-    return DLRM(embedding_bag_collection=ebc, dense_in_features=NUM_DENSE,
-                dense_arch_layer_sizes=list(dense_arch) + [dim], over_arch_layer_sizes=list(over_arch) + [1],
-                dense_device=torch.device("cpu"))
+    return (DLRMTrainStep if train_step else DLRM)(
+        embedding_bag_collection=ebc, dense_in_features=NUM_DENSE, dense_arch_layer_sizes=list(dense_arch) + [dim],
+        over_arch_layer_sizes=list(over_arch) + [1], dense_device=torch.device("cpu"))
 
 
 def model_record(tables: Sequence[EmbeddingBagConfig], dense_arch: Sequence[int], over_arch: Sequence[int]

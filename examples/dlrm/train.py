@@ -16,6 +16,7 @@ the latest one. Outputs (summary.json, history.json, curve.png) go to ``--out``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import itertools
@@ -41,6 +42,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 from fbgemm_gpu.split_embedding_configs import EmbOptimType  # noqa: E402
 from torchmetrics.functional.classification import binary_auroc  # noqa: E402
 from torchrec.distributed.model_parallel import DistributedModelParallel  # noqa: E402
+from torchrec.distributed.train_pipeline import TrainPipelineSparseDist  # noqa: E402
 from torchrec.modules.embedding_configs import DataType  # noqa: E402
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper  # noqa: E402
 from torchrec.optim.optimizers import in_backward_optimizer_filter  # noqa: E402
@@ -100,6 +102,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--threads", type=int, default=0, help="torch threads per rank (0: cores / local ranks)")
     t.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    t.add_argument("--pipeline", action="store_true",
+                   help="train with TorchRec's TrainPipelineSparseDist (each batch's input all-to-alls run during "
+                        "the previous step)")
     c = p.add_argument_group("checkpoints and outputs")
     c.add_argument("--ckpt-dir", default=None, help="DCP checkpoints; resumes from the latest one found here")
     c.add_argument("--ckpt-every", type=int, default=0, help="steps between checkpoints (0: only at the end)")
@@ -155,6 +160,37 @@ def synced(batches: Iterator[Batch], stop_when_any_done: bool) -> Iterator[Optio
         if not flag.item():
             return
         yield batch
+
+
+class FetchTimer:
+    """An iterator over ``batches`` that counts the seconds spent fetching them (excluded from step times;
+    the train pipeline fetches inside its step)."""
+
+    def __init__(self, batches: Iterator[Batch]) -> None:
+        self.batches, self.seconds = batches, 0.0
+
+    def __iter__(self) -> "FetchTimer":
+        return self
+
+    def __next__(self) -> Batch:
+        t0 = time.perf_counter()
+        try:
+            return next(self.batches)
+        finally:
+            self.seconds += time.perf_counter() - t0
+
+
+@contextlib.contextmanager
+def detached(pipe: Optional[TrainPipelineSparseDist]):
+    """The model's own forwards while evaluating or checkpointing a pipelined run (then back)."""
+    if pipe is None:
+        yield
+        return
+    pipe.detach()
+    try:
+        yield
+    finally:
+        pipe.attach()
 
 
 def dummy_batch() -> Batch:
@@ -260,7 +296,7 @@ def evaluate(dmp, batches: Iterator[Batch], device: torch.device) -> Dict[str, f
     logits, labels = [], []
     for batch in synced(batches, stop_when_any_done=False):
         b = batch if batch is not None else dummy_batch()
-        out = dmp(b.dense.to(device), b.sparse.to(device)).squeeze(-1)
+        _, (_, out, _) = dmp(b.to(device))
         if batch is not None:
             logits.append(out.float().cpu())
             labels.append(batch.labels)
@@ -326,7 +362,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     torch.manual_seed(args.seed)
     tables = build_tables(args, cardinalities, world, device, rank)
     dense_arch, over_arch = ([int(x) for x in a.split(",") if x] for a in (args.dense_arch, args.over_arch))
-    model = make_dlrm(tables, dense_arch, over_arch)
+    model = make_dlrm(tables, dense_arch, over_arch, train_step=True)
     model_json = model_record(tables, dense_arch, over_arch)  # written next to each checkpoint
     sizes = size_report(model)
     say(f"DLRM: {world} rank(s) on {device.type}, batch {args.batch_size}/rank, tables:\n{describe_tables(model)}")
@@ -375,24 +411,30 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     has_eval = bool(args.test) or not args.train
     eval_every = args.eval_every or max(1, args.steps // 5)
 
-    stream = synced(train_stream(step), stop_when_any_done=True)
+    feed = FetchTimer(synced(train_stream(step), stop_when_any_done=True))
+    pipe = TrainPipelineSparseDist(dmp, opt, device) if args.pipeline else None
     # a live bar on a terminal; in logs (torchx, CI) the per-evaluation lines only
     bar = tqdm(total=None if args.train else args.steps, initial=step, unit="step", dynamic_ncols=True,
                disable=rank != 0 or not sys.stderr.isatty(), mininterval=0.5)
     losses, step_times, last, rate = [], [], None, 0.0
     while step < args.steps:
         maybe_fail(step, rank, args.ckpt_dir)
-        batch = next(stream, None)
-        if batch is None:
-            break
-        t0 = time.perf_counter()
-        logits = dmp(batch.dense.to(device), batch.sparse.to(device)).squeeze(-1)
-        loss = F.binary_cross_entropy_with_logits(logits, batch.labels.to(device))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        t0, fetching = time.perf_counter(), feed.seconds
+        if pipe is not None:  # zero_grad, forward, backward, step; the next batch's input_dist in between
+            try:
+                loss = pipe.progress(feed)[0]
+            except StopIteration:
+                break
+        else:
+            batch = next(feed, None)
+            if batch is None:
+                break
+            loss, _ = dmp(batch.to(device))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
         losses.append(loss.item())
-        step_times.append(time.perf_counter() - t0)
+        step_times.append(time.perf_counter() - t0 - (feed.seconds - fetching))
         step += 1
         timed = step_times[1:] or step_times  # the first step of a process is warm-up (lazy init)
         rate = len(timed) * args.batch_size * world / sum(timed)
@@ -400,7 +442,8 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}", samples_s=f"{rate:,.0f}", refresh=False)
         record = {"step": step, "train_loss": float(np.mean(losses)), "samples_per_s": rate}
         if has_eval and (step % eval_every == 0 or step == args.steps):
-            record.update(evaluate(dmp, eval_stream(), device))
+            with detached(pipe):
+                record.update(evaluate(dmp, eval_stream(), device))
             if rank == 0:
                 bar.write(f"step {step}: train loss {record['train_loss']:.4f}  eval AUC {record['auc']:.4f}  "
                           f"log loss {record['logloss']:.4f}  {rate:,.0f} samples/s")
@@ -408,8 +451,11 @@ def main(argv: Optional[List[str]] = None) -> Dict:
             losses = []
         last = record
         if args.ckpt_dir and args.ckpt_every and step % args.ckpt_every == 0 and step < args.steps:
-            save_checkpoint(args.ckpt_dir, step, dmp, opt, history, model_json)
+            with detached(pipe):
+                save_checkpoint(args.ckpt_dir, step, dmp, opt, history, model_json)
     bar.close()
+    if pipe is not None:
+        pipe.detach()  # the plain model for the last evaluation and checkpoint
     if has_eval and (not history or history[-1]["step"] != step):
         last = {"step": step, **evaluate(dmp, eval_stream(), device)}
         history.append(last)

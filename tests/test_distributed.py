@@ -3,6 +3,7 @@ import copy
 import os
 import sys
 
+import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -228,7 +229,7 @@ class _TrainStep(torch.nn.Module):
         return loss, (loss.detach(), kt.values().detach())
 
 
-def _pipelined(rank, world, pipelined):
+def _pipelined(rank, world, pipelined, weighted):
     import torch.distributed as dist
     from torchrec.datasets.utils import Batch
     from torchrec.distributed.model_parallel import DistributedModelParallel
@@ -239,7 +240,7 @@ def _pipelined(rank, world, pipelined):
     from torchrec_tt.modules.tt_embedding_bag_collection import TTEmbeddingBagCollection
     torch.manual_seed(0)
     tables = make_tables()
-    model = _TrainStep(TTEmbeddingBagCollection(tables))
+    model = _TrainStep(TTEmbeddingBagCollection(tables, is_weighted=weighted))
     init = copy.deepcopy(model.state_dict())
     cons = {n: ParameterConstraints(sharding_types=[s]) for n, s in CONSTRAINTS.items()}
     sharders, planner = get_sharders_and_planner(
@@ -248,8 +249,9 @@ def _pipelined(rank, world, pipelined):
     dmp = DistributedModelParallel(model, device=torch.device("cpu"), plan=plan, sharders=sharders)
     dmp.load_state_dict(init)
     opt = make_optimizer(dmp)
-    batches = [Batch(dense_features=torch.zeros(BATCH, 1), sparse_features=batch(tables, 100 * k + rank),
-                     labels=torch.zeros(BATCH)) for k in range(5)]
+    batches = [Batch(dense_features=torch.zeros(BATCH, 1), labels=torch.zeros(BATCH),
+                     sparse_features=random_kjt(tables, BATCH, 100 * k + rank, 0, 4, weighted=weighted))
+               for k in range(5)]
     losses = []
     if pipelined:  # input_dist of batch k+1 runs before batch k's compute; the pipeline steps opt itself
         pipe = TrainPipelineSparseDist(dmp, opt, torch.device("cpu"))
@@ -268,11 +270,12 @@ def _pipelined(rank, world, pipelined):
     return losses, pipelined_names
 
 
-def test_train_pipeline_sparse_dist_trains_like_the_plain_loop():
+@pytest.mark.parametrize("weighted", [False, True])
+def test_train_pipeline_sparse_dist_trains_like_the_plain_loop(weighted):
     """TorchRec's TrainPipelineSparseDist (input_dist a batch ahead, the splits all-to-alls of all
     sharded modules fused) pipelines the collection and trains exactly as the plain loop does."""
-    plain = run_ranks(_pipelined, False)
-    piped = run_ranks(_pipelined, True)
+    plain = run_ranks(_pipelined, False, weighted)
+    piped = run_ranks(_pipelined, True, weighted)
     for rank in range(2):
         assert piped[rank][1] == ["PipelinedForward"], piped[rank][1]  # the collection was pipelined
         assert piped[rank][0] == plain[rank][0]  # bitwise

@@ -53,7 +53,9 @@ def loss_fn(kt):
     return ((kt.values() - target) ** 2).sum(dim=1).mean()
 
 
-def build(rank, world, seed=0, plan=None):
+def build(rank, world, seed=0, plan=None, tables=None, constraints=None, weighted=False, wrap=None):
+    """``tables`` (default ``make_tables()``) as a collection, optionally wrapped by ``wrap``, sharded under
+    ``constraints`` (default CONSTRAINTS); returns the tables, an unsharded copy, the DMP and the plan."""
     import torch.distributed as dist
     from torchrec.distributed.model_parallel import DistributedModelParallel
     from torchrec.distributed.planner.types import ParameterConstraints
@@ -61,10 +63,11 @@ def build(rank, world, seed=0, plan=None):
     from torchrec_tt.distributed import get_sharders_and_planner
     from torchrec_tt.modules.tt_embedding_bag_collection import TTEmbeddingBagCollection
     torch.manual_seed(seed)
-    tables = make_tables()
-    model = TTEmbeddingBagCollection(tables)
+    tables = tables or make_tables()
+    model = TTEmbeddingBagCollection(tables, is_weighted=weighted)
+    model = wrap(model) if wrap is not None else model
     ref = copy.deepcopy(model)
-    cons = {n: ParameterConstraints(sharding_types=[s]) for n, s in CONSTRAINTS.items()}
+    cons = {n: ParameterConstraints(sharding_types=[s]) for n, s in (constraints or CONSTRAINTS).items()}
     sharders, planner = get_sharders_and_planner(
         model, world, BATCH, constraints=cons, fused_params={"optimizer": EmbOptimType.EXACT_SGD, "learning_rate": LR})
     plan = plan or planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
@@ -156,18 +159,10 @@ def test_sharded_forward_and_training_match_unsharded():
 
 # ---- mixed table dtypes, weighted features -------------------------------------------------------
 
-def _mixed_dtypes(rank, world):
-    """bf16 and fp16 TT tables table-wise on different ranks, an fp32 one data-parallel, fp32 KJT weights."""
-    import torch.distributed as dist
+def mixed_dtype_tables():
     from torchrec import DataType, EmbeddingBagConfig
-    from torchrec.distributed.model_parallel import DistributedModelParallel
-    from torchrec.distributed.planner.types import ParameterConstraints
-    from torchrec.optim.optimizers import in_backward_optimizer_filter
     from torchrec_tt.config import TTEmbeddingBagConfig
-    from torchrec_tt.distributed import get_sharders_and_planner
-    from torchrec_tt.modules.tt_embedding_bag_collection import TTEmbeddingBagCollection
-    torch.manual_seed(0)
-    tables = [
+    return [
         EmbeddingBagConfig(name="d", embedding_dim=4, num_embeddings=20, feature_names=["f0"]),
         TTEmbeddingBagConfig(name="t_bf16", embedding_dim=8, num_embeddings=100, feature_names=["f1"], tt_ranks=3,
                              data_type=DataType.BF16, optimizer="rowwise_adagrad", learning_rate=LR),
@@ -175,14 +170,13 @@ def _mixed_dtypes(rank, world):
                              data_type=DataType.FP16),
         TTEmbeddingBagConfig(name="t_fp32", embedding_dim=4, num_embeddings=64, feature_names=["f3"], tt_ranks=2),
     ]
-    model = TTEmbeddingBagCollection(tables, is_weighted=True)
-    ref = copy.deepcopy(model)
+
+
+def _mixed_dtypes(rank, world):
+    """bf16 and fp16 TT tables table-wise on different ranks, an fp32 one data-parallel, fp32 KJT weights."""
+    from torchrec.optim.optimizers import in_backward_optimizer_filter
     cons = {"t_bf16": "table_wise", "t_fp16": "table_wise", "t_fp32": "data_parallel", "d": "data_parallel"}
-    sharders, planner = get_sharders_and_planner(
-        model, world, BATCH, constraints={n: ParameterConstraints(sharding_types=[s]) for n, s in cons.items()})
-    plan = planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
-    dmp = DistributedModelParallel(model, device=torch.device("cpu"), plan=plan, sharders=sharders)
-    dmp.load_state_dict(ref.state_dict())
+    tables, ref, dmp, _ = build(rank, world, tables=mixed_dtype_tables(), constraints=cons, weighted=True)
     placement = _find_sharded(dmp).plan_summary()
     dense = [p for _, p in in_backward_optimizer_filter(dmp.named_parameters())]
     opt = torch.optim.SGD(dense, lr=LR)
@@ -230,24 +224,9 @@ class _TrainStep(torch.nn.Module):
 
 
 def _pipelined(rank, world, pipelined, weighted):
-    import torch.distributed as dist
     from torchrec.datasets.utils import Batch
-    from torchrec.distributed.model_parallel import DistributedModelParallel
-    from torchrec.distributed.planner.types import ParameterConstraints
     from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
-    from fbgemm_gpu.split_embedding_configs import EmbOptimType
-    from torchrec_tt.distributed import get_sharders_and_planner
-    from torchrec_tt.modules.tt_embedding_bag_collection import TTEmbeddingBagCollection
-    torch.manual_seed(0)
-    tables = make_tables()
-    model = _TrainStep(TTEmbeddingBagCollection(tables, is_weighted=weighted))
-    init = copy.deepcopy(model.state_dict())
-    cons = {n: ParameterConstraints(sharding_types=[s]) for n, s in CONSTRAINTS.items()}
-    sharders, planner = get_sharders_and_planner(
-        model, world, BATCH, constraints=cons, fused_params={"optimizer": EmbOptimType.EXACT_SGD, "learning_rate": LR})
-    plan = planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
-    dmp = DistributedModelParallel(model, device=torch.device("cpu"), plan=plan, sharders=sharders)
-    dmp.load_state_dict(init)
+    tables, _, dmp, _ = build(rank, world, weighted=weighted, wrap=_TrainStep)
     opt = make_optimizer(dmp)
     batches = [Batch(dense_features=torch.zeros(BATCH, 1), labels=torch.zeros(BATCH),
                      sparse_features=random_kjt(tables, BATCH, 100 * k + rank, 0, 4, weighted=weighted))

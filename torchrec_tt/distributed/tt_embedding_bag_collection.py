@@ -344,7 +344,7 @@ class ShardedTTEmbeddingBagCollection(ShardedModule[Any, Any, KeyedTensor, Any],
         out: Dict[str, Any] = {}
         n = ctx.num_dense
         if self.dense is not None:
-            out["dense"] = self.dense.compute_and_output_dist(ctx.dense_ctx, KJTList(list(dist_input)[:n]))
+            out["dense"] = self.dense.compute_and_output_dist(ctx.dense_ctx, KJTList(dist_input.features[:n]))
         if self._tw_slots:
             mine = self._tw_slots_by_rank[self._rank]
             if mine:
@@ -354,7 +354,7 @@ class ShardedTTEmbeddingBagCollection(ShardedModule[Any, Any, KeyedTensor, Any],
                 local = torch.zeros(ctx.batch * self._world, 0, device=self._device, dtype=self._tw_dtype,
                                     requires_grad=True)
             out["tw"] = local
-        jt = dist_input[len(dist_input) - 1].to_dict() if self._dp_slots else {}
+        jt = dist_input[-1].to_dict() if self._dp_slots else {}  # the data-parallel features come last
         out["dp"] = {key: self._lookup(t, jt[f]) for t, f, key in self._dp_slots}
         return out
 

@@ -359,7 +359,7 @@ class TTRowCache(nn.Module):
     @torch.no_grad()
     def refresh(self, table) -> None:
         """Admit the top-count rows, write evicted trained rows back into the cores, rebuild the map."""
-        if not bool(torch.isfinite(self.weight[self.cached_ids >= 0]).all()):  # before any state changes
+        if not bool(torch.isfinite(self.weight).all()):  # before any state changes (empty slots hold zeros)
             raise FloatingPointError(
                 f"table '{table.name}': the hot-row cache holds NaN or infinity in its rows at refresh, so they "
                 "cannot be written back into the cores: training diverged (learning rate? an fp16 table's "

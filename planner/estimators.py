@@ -45,6 +45,7 @@ from torchrec.distributed.planner.types import (
 from torchrec.distributed.types import ShardingPlan, ShardingType
 
 from torchrec_tt.config import TTEmbeddingBagConfig
+from torchrec_tt.in_backward import resolve_tt_config
 from torchrec_tt.shapes import clip_ranks, full_ranks, suggest_p_shapes, suggest_q_shapes, tt_num_parameters
 
 __all__ = ["TT_COMPUTE_KERNEL", "CALIBRATION_PATH", "TableBytes", "TTPerfEstimator", "TTStorageEstimator",
@@ -199,7 +200,8 @@ def _tt_config(option: ShardingOption) -> TTEmbeddingBagConfig:
     if option.name not in configs:
         raise ValueError(f"table '{option.name}': compute kernel {TT_COMPUTE_KERNEL!r} is only valid for TT "
                          f"tables of a TTEmbeddingBagCollection (module {option.path!r})")
-    return configs[option.name]
+    # with the fused optimizer it trains with (its config's or apply_optimizer_in_backward's): its state counts
+    return resolve_tt_config(configs[option.name], module.tt_tables[option.name])
 
 
 def _pooling_factors(option: ShardingOption, constraints: Optional[Dict[str, ParameterConstraints]]) -> List[float]:

@@ -31,7 +31,8 @@ class TTEmbeddingBagConfig(EmbeddingBagConfig):
     - ``weights_init``: ``"sampled_gaussian"`` (paper), ``"uniform"`` or ``"normal"``.
     - ``optimizer``: ``None`` (cores get dense gradients, use any torch optimizer) or a
       ``FusedOptimizerConfig`` / optimizer name (``"sgd"``, ``"adagrad"``, ``"rowwise_adagrad"``) to
-      update the cores inside backward; ``learning_rate`` / ``eps`` apply when a name is given.
+      update the cores inside backward; ``learning_rate`` / ``eps`` apply when a name is given. TorchRec's
+      ``apply_optimizer_in_backward`` on the table's cores is the other way to ask (``torchrec_tt.in_backward``).
     - ``bounds_check_mode``: ``"error"`` (default), ``"warn"`` or ``"ignore"``.
     - ``cache_rows`` / ``cache_fraction`` / ``cache_bytes``: hot-row cache of that many uncompressed rows,
       that fraction of ``num_embeddings``, or as many rows as fit the byte budget (default: no cache);

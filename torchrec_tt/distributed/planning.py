@@ -18,6 +18,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from ..config import TTEmbeddingBagConfig
+from ..in_backward import resolve_tt_config
 from ..modules.tt_embedding_bag_collection import TTEmbeddingBagCollection
 from ..planner.estimators import tt_estimators
 from ..planner.report import TTStats
@@ -27,10 +28,15 @@ __all__ = ["get_sharders_and_planner", "shard_model", "tt_constraints"]
 
 
 def _tables(model_or_tables: Union[nn.Module, Sequence[EmbeddingBagConfig]]) -> List[EmbeddingBagConfig]:
+    """The model's table configs, TT ones with the fused optimizer they train with (their own or
+    ``apply_optimizer_in_backward``'s: such tables are placed table-wise)."""
     if isinstance(model_or_tables, nn.Module):
         out: List[EmbeddingBagConfig] = []
         for m in model_or_tables.modules():
-            if isinstance(m, (TTEmbeddingBagCollection, EmbeddingBagCollection)) and not any(
+            if isinstance(m, TTEmbeddingBagCollection):
+                out.extend(resolve_tt_config(t, m.tt_tables[t.name]) if isinstance(t, TTEmbeddingBagConfig)
+                           else t for t in m.embedding_bag_configs())
+            elif isinstance(m, EmbeddingBagCollection) and not any(
                     m is getattr(p, "dense", None) for p in model_or_tables.modules()
                     if isinstance(p, TTEmbeddingBagCollection)):
                 out.extend(m.embedding_bag_configs())

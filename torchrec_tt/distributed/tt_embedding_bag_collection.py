@@ -63,6 +63,7 @@ from torchrec.streamable import Multistreamable
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from ..config import TTEmbeddingBagConfig
+from ..in_backward import resolve_tt_config
 from ..modules.tt_embedding_bag import TTEmbeddingBag
 from ..modules.tt_embedding_bag_collection import (
     TTEmbeddingBagCollection,
@@ -109,6 +110,16 @@ class TTCollectionContext(Multistreamable):
     def record_stream(self, stream: torch.Stream) -> None:
         if self.dense_ctx is not None:
             self.dense_ctx.record_stream(stream)
+
+
+def _load_resolved(dst: TTEmbeddingBag, src: TTEmbeddingBag) -> None:
+    """``src``'s state into ``dst``; optimizer state that only ``dst`` has (its optimizer was applied in
+    backward to ``src``'s cores) keeps its fresh zeros."""
+    result = dst.load_state_dict(src.state_dict(), strict=False)
+    fresh = [k for k in result.missing_keys if "optimizer_state" not in k]
+    if result.unexpected_keys or fresh:
+        raise RuntimeError(f"table '{dst.name}': state of the unsharded table does not fit its sharded form "
+                           f"(missing {fresh}, unexpected {result.unexpected_keys})")
 
 
 class _TTFusedOptimizer(KeyedOptimizer):
@@ -167,7 +178,9 @@ class ShardedTTEmbeddingBagCollection(ShardedModule[Any, Any, KeyedTensor, Any],
         self._dense_features = list(dict.fromkeys(f for t, f, _ in self._features if t in self._dense_names))
 
         # ---- TT tables ----
-        self._tt_configs: Dict[str, TTEmbeddingBagConfig] = {t.name: t for t in module.tt_configs()}
+        # each table's config with the fused optimizer it trains with (its own or apply_optimizer_in_backward's)
+        self._tt_configs: Dict[str, TTEmbeddingBagConfig] = {
+            t.name: resolve_tt_config(t, module.tt_tables[t.name]) for t in module.tt_configs()}
         self._tt_placement: Dict[str, Tuple[str, Optional[int]]] = {}
         for name, config in self._tt_configs.items():
             if name not in plan:
@@ -179,7 +192,9 @@ class ShardedTTEmbeddingBagCollection(ShardedModule[Any, Any, KeyedTensor, Any],
             if ps.sharding_type == ShardingType.DATA_PARALLEL.value:
                 if config.optimizer is not None:
                     raise ValueError(f"TT table '{name}': data_parallel placement cannot use a fused optimizer "
-                                     "(replicas would drift apart); use table_wise or optimizer=None")
+                                     f"({config.fused_optimizer_config().name}, from its config or "
+                                     "apply_optimizer_in_backward; replicas would drift apart); use table_wise or "
+                                     "train the cores with a dense optimizer")
                 self._tt_placement[name] = (ps.sharding_type, None)
             else:
                 if not ps.ranks or len(ps.ranks) != 1:
@@ -193,7 +208,7 @@ class ShardedTTEmbeddingBagCollection(ShardedModule[Any, Any, KeyedTensor, Any],
             src: TTEmbeddingBag = module.tt_tables[name]
             dst = tt_module_from_config(config, device)
             if not src.cores[0].is_meta:  # cores, fused optimizer state, hot-row cache
-                dst.load_state_dict(src.state_dict())
+                _load_resolved(dst, src)
             if owner is not None and dst.cache is not None:
                 dst.cache.process_group = None  # the owner sees every rank's ids: nothing to agree on
             mark_in_backward(dst)
@@ -223,13 +238,15 @@ class ShardedTTEmbeddingBagCollection(ShardedModule[Any, Any, KeyedTensor, Any],
             self._comms["pooled"] = PooledEmbeddingsAllToAll(self._pg, self._tw_dims, device)
 
         # ShardedTensor views of table-wise state (cores, fused optimizer state, hot-row cache), built
-        # once: they alias the live tensors, which are only ever updated in place
+        # once: they alias the live tensors, which are only ever updated in place. Shapes come from the resolved
+        # config (the unsharded table lacks the state of an optimizer applied in backward)
         self._tw_state: Dict[str, ShardedTensor] = {}
         for name, (kind, owner) in self._tt_placement.items():
             if owner is None:
                 continue
             live = self.tt_tables[name].state_dict(keep_vars=True) if name in self.tt_tables else None
-            for key, ref in module.tt_tables[name].state_dict(keep_vars=True).items():
+            shapes = tt_module_from_config(self._tt_configs[name], torch.device("meta"))
+            for key, ref in shapes.state_dict(keep_vars=True).items():
                 t = live[key].detach() if live is not None else None
                 self._tw_state[f"tt_tables.{name}.{key}"] = _whole_on_rank(
                     t, ref.shape, ref.dtype, owner, device, self._pg)

@@ -46,7 +46,9 @@ def mark_in_backward(table: TTEmbeddingBag) -> None:
         cached = [table.cache.weight] if table.cache is not None else []
         for core in list(table.cores) + cached:
             core._in_backward_optimizers = [table.optimizer]  # type: ignore[attr-defined]
+            # torch's apply_optimizer_in_backward appends to all three once the first exists
             core._optimizer_classes = []  # type: ignore[attr-defined]
+            core._optimizer_kwargs = []  # type: ignore[attr-defined]
 
 
 def check_kjt(features: KeyedJaggedTensor, feature_names: Sequence[str], is_weighted: bool,

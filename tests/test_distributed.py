@@ -280,7 +280,7 @@ def _ckpt_phase1(rank, world, path):
     sd = {k: (v.clone() if isinstance(v, torch.Tensor) and not hasattr(v, "local_shards") else v)
           for k, v in dmp.state_dict().items()}
     dmp.load_state_dict(sd)
-    return train(dmp, opt, tables, rank, world, 3, start=2), plan
+    return train(dmp, opt, tables, rank, world, 3, start=2), plan, sorted(_find_sharded(dmp).tt_tables)
 
 
 def _ckpt_phase2(rank, world, path, plan):
@@ -293,15 +293,31 @@ def _ckpt_phase2(rank, world, path, plan):
     full = dmp.fused_optimizer.state_dict()
     full["state"].update(state["optim"]["state"])
     dmp.fused_optimizer.load_state_dict(full)
-    return train(dmp, opt, tables, rank, world, 3, start=2)
+    return train(dmp, opt, tables, rank, world, 3, start=2), sorted(_find_sharded(dmp).tt_tables)
 
 
-def test_checkpoint_resume_matches_uninterrupted(tmp_path):
+def _move_tt_tables(plan, world):
+    """``plan`` with every table-wise TT table on the next rank (DCP has to reshard their state)."""
+    from torchrec_tt.distributed import TT_COMPUTE_KERNEL
+    plan = copy.deepcopy(plan)
+    for module_plan in plan.plan.values():
+        for ps in module_plan.values():
+            if ps.compute_kernel == TT_COMPUTE_KERNEL and ps.sharding_type == "table_wise":
+                ps.ranks = [(ps.ranks[0] + 1) % world]
+                for shard in getattr(ps.sharding_spec, "shards", None) or []:
+                    shard.placement = torch.distributed._remote_device(f"rank:{ps.ranks[0]}/cpu")
+    return plan
+
+
+@pytest.mark.parametrize("move", [False, True], ids=["same_plan", "tt_tables_moved"])
+def test_checkpoint_resume_matches_uninterrupted(tmp_path, move):
     path = str(tmp_path / "ckpt")
     first = run_ranks(_ckpt_phase1, path)
-    uninterrupted, plan = first[0]
-    resumed = run_ranks(_ckpt_phase2, path, plan)
-    torch.testing.assert_close(torch.tensor(resumed[0]), torch.tensor(uninterrupted), rtol=1e-6, atol=1e-7)
+    uninterrupted, plan, _ = first[0]
+    resumed = run_ranks(_ckpt_phase2, path, _move_tt_tables(plan, 2) if move else plan)
+    torch.testing.assert_close(torch.tensor(resumed[0][0]), torch.tensor(uninterrupted), rtol=1e-6, atol=1e-7)
+    for before, after in zip(first, resumed):  # t_dp everywhere; the table-wise ones stayed or moved
+        assert (before[2] != after[1]) == move and "t_dp" in after[1]
 
 
 # ---- bad input: same clear error on every rank, no hang -----------------------------------------

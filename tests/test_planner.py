@@ -343,3 +343,16 @@ def test_cli_tt_data_type_halves_the_tt_bytes(capsys):
         row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("t_C3 "))
         tt_mib[dt] = float(row.split()[4])  # table rows dim dense-MiB TT-MiB ...
     assert tt_mib["bf16"] == pytest.approx(tt_mib["fp32"] / 2, abs=0.01), tt_mib
+
+
+def test_tt_config_in_a_stock_ebc_is_refused_at_planning():
+    """torchrec's EmbeddingBagCollection reads a TTEmbeddingBagConfig as a plain one: a dense table."""
+    from torchrec import EmbeddingBagCollection
+    from torchrec_tt.config import TTEmbeddingBagConfig
+    from torchrec_tt.distributed import get_sharders_and_planner
+    model = torch.nn.Module()
+    model.sparse = EmbeddingBagCollection(tables=dense_tables()[3:] + [TTEmbeddingBagConfig(
+        name="users", embedding_dim=16, num_embeddings=1_000_000, feature_names=["u"])], device="meta")
+    with pytest.raises(ValueError, match=r"table 'users': a TTEmbeddingBagConfig in torchrec's EmbeddingBagCollection "
+                                         r"\(module 'sparse'\) is stored dense \(1000000 x 16\)"):
+        get_sharders_and_planner(model, 2, BATCH)

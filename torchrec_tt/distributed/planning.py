@@ -32,13 +32,19 @@ def _tables(model_or_tables: Union[nn.Module, Sequence[EmbeddingBagConfig]]) -> 
     ``apply_optimizer_in_backward``'s: such tables are placed table-wise)."""
     if isinstance(model_or_tables, nn.Module):
         out: List[EmbeddingBagConfig] = []
-        for m in model_or_tables.modules():
+        for path, m in model_or_tables.named_modules():
             if isinstance(m, TTEmbeddingBagCollection):
                 out.extend(resolve_tt_config(t, m.tt_tables[t.name]) if isinstance(t, TTEmbeddingBagConfig)
                            else t for t in m.embedding_bag_configs())
             elif isinstance(m, EmbeddingBagCollection) and not any(
                     m is getattr(p, "dense", None) for p in model_or_tables.modules()
                     if isinstance(p, TTEmbeddingBagCollection)):
+                for t in m.embedding_bag_configs():
+                    if isinstance(t, TTEmbeddingBagConfig):  # the stock EBC reads it as a plain config
+                        raise ValueError(
+                            f"table '{t.name}': a TTEmbeddingBagConfig in torchrec's EmbeddingBagCollection "
+                            f"(module '{path}') is stored dense ({t.num_embeddings} x {t.embedding_dim}); "
+                            "build that collection as a TTEmbeddingBagCollection")
                 out.extend(m.embedding_bag_configs())
         return out
     return list(model_or_tables)

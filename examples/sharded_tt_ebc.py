@@ -13,6 +13,8 @@ import torch.distributed.checkpoint as dcp
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from torchrec import EmbeddingBagConfig, KeyedJaggedTensor
 from torchrec.distributed.model_parallel import DistributedModelParallel
+from torch.distributed.optim import _apply_optimizer_in_backward as apply_optimizer_in_backward
+from torchrec.optim import RowWiseAdagrad
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
@@ -47,8 +49,12 @@ def main():
                              tt_ranks=16),  # dense core gradients: data_parallel or table_wise
         TTEmbeddingBagConfig(name="item", embedding_dim=16, num_embeddings=500_000, feature_names=["item"],
                              tt_ranks=16, optimizer="rowwise_adagrad", learning_rate=0.05),  # fused: table_wise
+        TTEmbeddingBagConfig(name="query", embedding_dim=16, num_embeddings=2_000_000, feature_names=["query"],
+                             tt_ranks=16),  # fused too, given the TorchRec way below
     ]
     model = TTEmbeddingBagCollection(tables, device=torch.device("meta"))  # nothing allocated before sharding
+    # TorchRec's way to give tables a fused optimizer works on TT cores as on dense weights
+    apply_optimizer_in_backward(RowWiseAdagrad, model.tt_tables["query"].parameters(), {"lr": 0.05})
 
     sharders, planner = get_sharders_and_planner(
         model, world, args.batch_size,
@@ -66,7 +72,7 @@ def main():
         optimizers.append(KeyedOptimizerWrapper(dense_params, lambda ps: torch.optim.Adagrad(ps, lr=0.05)))
     opt = CombinedOptimizer(optimizers)
     gen = torch.Generator().manual_seed(rank)
-    target = torch.randn(64)
+    target = torch.randn(80)
     for step in range(args.steps):
         kt = dmp(random_batch(tables, args.batch_size, gen))
         loss = ((kt.values() - target) ** 2).mean()

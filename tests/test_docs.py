@@ -43,3 +43,18 @@ def test_the_modules_users_start_from_have_examples():
     for name in ["torchrec_tt.modules.tt_embedding_bag", "torchrec_tt.modules.tt_embedding_bag_collection"]:
         tests = doctest.DocTestFinder().find(importlib.import_module(name))
         assert sum(len(t.examples) for t in tests) >= 4, name
+
+
+def test_sharded_collection_example_trains_and_checkpoints(tmp_path):
+    import subprocess
+    import sys
+    sys.path.insert(0, os.path.dirname(__file__))
+    from dist_utils import free_port
+    ckpt = tmp_path / "ckpt"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           os.path.join(REPO, "examples", "sharded_tt_ebc.py"), "--steps", "3", "--ckpt", str(ckpt)]
+    run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stderr[-3000:]
+    losses = [float(x) for x in re.findall(r"step \d: loss ([0-9.]+)", run.stdout)]
+    assert len(losses) == 3 and losses[-1] < losses[0]
+    assert "query" in run.stdout and (ckpt / ".metadata").exists()

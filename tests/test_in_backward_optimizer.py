@@ -223,3 +223,37 @@ def test_in_backward_optimizers_train_tt_tables_like_their_config_and_torch():
     results = run_ranks(_in_backward_training)
     assert results[0][0] == results[1][0]
     assert "data_parallel" not in results[0][1]
+
+
+# ---- DMP without the TT sharder: DDP replicates the whole collection ------------------------------
+
+def _without_tt_sharder(rank, world, optimizer):
+    from torchrec.distributed.model_parallel import DistributedModelParallel
+    from torchrec_tt.modules.tt_embedding_bag_collection import TTEmbeddingBagCollection
+    torch.manual_seed(0)
+    tables = [tt_config(optimizer=optimizer, **({"learning_rate": LR} if optimizer else {}))]
+    dmp = DistributedModelParallel(TTEmbeddingBagCollection(tables), device=torch.device("cpu"))  # default sharders
+    opt = torch.optim.SGD(dmp.parameters(), lr=LR)
+    before = [p.detach().clone() for p in dmp.parameters()]
+    try:
+        for step in range(2):
+            opt.zero_grad()
+            loss_fn(dmp(random_kjt(tables, BATCH, 10 * step + rank, 1, 4))).backward()
+            opt.step()
+    except RuntimeError as e:
+        return str(e)
+    cores = torch.cat([p.detach().flatten() for p in dmp.parameters()])
+    gathered = [torch.empty_like(cores) for _ in range(world)]
+    torch.distributed.all_gather(gathered, cores)
+    assert not torch.equal(cores, torch.cat([b.flatten() for b in before]))  # trained
+    return all(torch.equal(g, gathered[0]) for g in gathered)
+
+
+def test_ddp_replicas_of_a_collection_average_dense_core_gradients():
+    assert run_ranks(_without_tt_sharder, None) == [True, True]
+
+
+def test_ddp_refuses_to_step_a_fused_tt_table_naming_the_table_and_the_fix():
+    for message in run_ranks(_without_tt_sharder, "sgd"):
+        assert message.startswith("table 't': its fused sgd runs inside the TT kernel's backward")
+        assert "pass the sharders and plan of torchrec_tt.distributed.get_sharders_and_planner" in message

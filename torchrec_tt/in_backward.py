@@ -13,14 +13,55 @@ keep torch's own in-backward hooks (dense core gradients), which the fused kerne
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 import torch
 
-from .config import TTEmbeddingBagConfig
-from .modules.tt_embedding_bag import FusedOptimizerConfig, TTEmbeddingBag
+if torch.distributed.is_available():
+    # DDP looks up torch.distributed.optim once it sees an in-backward marker on a parameter
+    import torch.distributed.optim  # noqa: F401
 
-__all__ = ["in_backward_optimizer", "resolve_tt_config"]
+if TYPE_CHECKING:  # the modules import this file (mark_fused_in_backward)
+    from .config import TTEmbeddingBagConfig
+    from .modules.tt_embedding_bag import FusedOptimizerConfig, TTEmbeddingBag
+
+__all__ = ["FusedInBackward", "in_backward_optimizer", "mark_fused_in_backward", "resolve_tt_config"]
+
+
+class FusedInBackward:
+    """TorchRec's marker on a weight that its kernel updates in backward (``_in_backward_optimizers``):
+    ``in_backward_optimizer_filter`` keeps such weights out of dense optimizers.
+
+    Others take the marker for a torch optimizer to step after the gradient is ready: DDP does, when
+    ``DistributedModelParallel`` is given no TT sharder and wraps the whole collection (each replica
+    would then update from its own gradient), and so does ``apply_optimizer_in_backward`` given on top
+    of a config's optimizer. ``step`` refuses both, naming the table and the fix.
+    """
+
+    def __init__(self, table: str, optimizer: "FusedOptimizerConfig") -> None:
+        self.table, self.optimizer = table, optimizer
+
+    def step(self, closure: Any = None) -> None:
+        raise RuntimeError(
+            f"table '{self.table}': its fused {self.optimizer.name} runs inside the TT kernel's backward, but "
+            "something stepped it as a torch optimizer. Under DistributedDataParallel (DistributedModelParallel "
+            "without the TT sharder) every replica would update from its own gradient: pass the sharders and "
+            "plan of torchrec_tt.distributed.get_sharders_and_planner. With apply_optimizer_in_backward on "
+            "top of the config's optimizer: give the optimizer one way")
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        pass
+
+    def __repr__(self) -> str:
+        return f"FusedInBackward(table={self.table!r}, optimizer={self.optimizer!r})"
+
+
+def mark_fused_in_backward(param: torch.Tensor, table: str, optimizer: "FusedOptimizerConfig") -> None:
+    """Mark ``param`` as updated by ``table``'s fused ``optimizer`` (see ``FusedInBackward``)."""
+    param._in_backward_optimizers = [FusedInBackward(table, optimizer)]  # type: ignore[attr-defined]
+    # torch's apply_optimizer_in_backward appends to all three once the first exists
+    param._optimizer_classes = []  # type: ignore[attr-defined]
+    param._optimizer_kwargs = []  # type: ignore[attr-defined]
 
 # kwargs the fused kernels implement ("lr" and FBGEMM's "learning_rate" alike) ...
 _RATE_KEYS = ("lr", "learning_rate")
@@ -60,6 +101,7 @@ def in_backward_optimizer(name: str, table: TTEmbeddingBag) -> Optional[FusedOpt
     if len(classes) != 1:
         raise ValueError(f"table '{name}': {len(classes)} optimizers applied in backward "
                          f"({[c.__name__ for c in classes]}); a table takes one")
+    from .modules.tt_embedding_bag import FusedOptimizerConfig
     cls, kw = classes[0], dict(kwargs[0]) if kwargs else {}
     # an explicit FBGEMM "optimizer" kwarg wins over the class, as in TorchRec's sharder (which also writes
     # it into the kwargs dict that all parameters of one apply_optimizer_in_backward call share)

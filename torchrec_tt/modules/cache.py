@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
+from ..in_backward import mark_fused_in_backward
 from ..reference import row_digits
 
 __all__ = ["TTRowCache", "resolve_cache_rows"]
@@ -136,8 +137,7 @@ class TTRowCache(nn.Module):
         self.fused = table.optimizer  # FusedOptimizerConfig or None (torch.optim sees `weight`)
         self.weight = nn.Parameter(torch.zeros(self.rows, D, device=dev, dtype=dtype))
         if self.fused is not None:  # TorchRec convention: keep it out of dense optimizers
-            self.weight._in_backward_optimizers = [self.fused]  # type: ignore[attr-defined]
-            self.weight._optimizer_classes = []  # type: ignore[attr-defined]
+            mark_fused_in_backward(self.weight, name, self.fused)
             state_dtype = torch.promote_types(dtype, torch.float32)
             if self.fused.name == "adagrad":
                 self.register_buffer("optimizer_state", torch.zeros(self.rows, D, device=dev, dtype=state_dtype))

@@ -11,6 +11,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from .. import ops
 from ..config import TTEmbeddingBagConfig
+from ..in_backward import mark_fused_in_backward
 from .tt_embedding_bag import TTEmbeddingBag
 
 __all__ = ["TTEmbeddingBagCollection", "check_kjt", "tt_module_from_config", "mark_in_backward"]
@@ -44,11 +45,8 @@ def mark_in_backward(table: TTEmbeddingBag) -> None:
     ``torchrec.optim.optimizers.in_backward_optimizer_filter`` keeps them out of dense optimizers."""
     if table.optimizer is not None:
         cached = [table.cache.weight] if table.cache is not None else []
-        for core in list(table.cores) + cached:
-            core._in_backward_optimizers = [table.optimizer]  # type: ignore[attr-defined]
-            # torch's apply_optimizer_in_backward appends to all three once the first exists
-            core._optimizer_classes = []  # type: ignore[attr-defined]
-            core._optimizer_kwargs = []  # type: ignore[attr-defined]
+        for param in list(table.cores) + cached:
+            mark_fused_in_backward(param, table.name, table.optimizer)
 
 
 def check_kjt(features: KeyedJaggedTensor, feature_names: Sequence[str], is_weighted: bool,

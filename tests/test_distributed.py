@@ -18,8 +18,8 @@ def make_tables():
     return [
         EmbeddingBagConfig(name="d_tw", embedding_dim=4, num_embeddings=20, feature_names=["f0"]),
         TTEmbeddingBagConfig(name="t_dp", embedding_dim=8, num_embeddings=100, feature_names=["f1"], tt_ranks=3),
-        # NB: a MEAN dense table next to a SUM one made TorchRec's sharded EBC mean-pool both here
-        # (CPU, table_wise + row_wise); not investigated yet, so the dense tables are both SUM.
+        # NB: a MEAN dense table row-wise next to a table-wise one is pooled wrongly by TorchRec 1.8.0
+        # (tests/test_mean_pooling_guard.py), so the dense tables here are both SUM.
         EmbeddingBagConfig(name="d_rw", embedding_dim=4, num_embeddings=40, feature_names=["f2"]),
         # with a hot-row cache refreshed every 2 steps: the owner sees the global batch, as the reference does
         TTEmbeddingBagConfig(name="t_tw", embedding_dim=4, num_embeddings=64, feature_names=["f3"], tt_ranks=2,

@@ -7,7 +7,6 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.distributed as dist
 from torch import nn
-from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
 from torchrec.distributed.planner.enumerators import EmbeddingEnumerator
@@ -22,6 +21,7 @@ from ..in_backward import resolve_tt_config
 from ..modules.tt_embedding_bag_collection import TTEmbeddingBagCollection
 from ..planner.estimators import tt_estimators
 from ..planner.report import TTStats
+from .mean_pooling_guard import MeanPoolingCheckedEBCSharder, mean_pooling_constraints
 from .tt_embedding_bag_collection import TT_COMPUTE_KERNEL, TT_SHARDING_TYPES, TTEmbeddingBagCollectionSharder
 
 __all__ = ["get_sharders_and_planner", "shard_model", "tt_constraints"]
@@ -48,6 +48,22 @@ def _tables(model_or_tables: Union[nn.Module, Sequence[EmbeddingBagConfig]]) -> 
                 out.extend(m.embedding_bag_configs())
         return out
     return list(model_or_tables)
+
+
+def _dense_groups(model_or_tables: Union[nn.Module, Sequence[EmbeddingBagConfig]]) -> List[List[EmbeddingBagConfig]]:
+    """The dense tables of each EBC that TorchRec will shard as one module (a TT collection's dense child,
+    a stock EBC); a table list counts as one collection."""
+    if not isinstance(model_or_tables, nn.Module):
+        return [[t for t in model_or_tables if not isinstance(t, TTEmbeddingBagConfig)]]
+    groups = []
+    for m in model_or_tables.modules():
+        if isinstance(m, TTEmbeddingBagCollection):
+            groups.append(m.dense_configs())
+        elif isinstance(m, EmbeddingBagCollection) and not any(
+                m is getattr(p, "dense", None) for p in model_or_tables.modules()
+                if isinstance(p, TTEmbeddingBagCollection)):
+            groups.append(list(m.embedding_bag_configs()))
+    return groups
 
 
 def tt_constraints(tables: Sequence[EmbeddingBagConfig], world_size: int,
@@ -108,10 +124,13 @@ def get_sharders_and_planner(
                          f"name); duplicated: {dup}")
     topology = topology or Topology(world_size=world_size, compute_device=compute_device,
                                     local_world_size=local_world_size or world_size)
-    cons = tt_constraints(tables, world_size, constraints)
-    ebc_sharder = EmbeddingBagCollectionSharder(fused_params=fused_params)
-    sharders: List[ModuleSharder[nn.Module]] = [
-        TTEmbeddingBagCollectionSharder(dense_sharder=ebc_sharder), ebc_sharder]  # type: ignore[list-item]
+    ebc_sharder = MeanPoolingCheckedEBCSharder(fused_params=fused_params)
+    tt_sharder = TTEmbeddingBagCollectionSharder(dense_sharder=ebc_sharder)
+    sharders: List[ModuleSharder[nn.Module]] = [tt_sharder, ebc_sharder]  # type: ignore[list-item]
+    # MEAN dense tables of mixed collections stay off row-wise types (a TorchRec bug: mean_pooling_guard)
+    dense_types = tt_sharder.dense_sharding_types(topology.compute_device)
+    cons = mean_pooling_constraints(_dense_groups(model_or_tables), dense_types,
+                                    tt_constraints(tables, world_size, constraints))
     enumerator = EmbeddingEnumerator(topology=topology, batch_size=batch_size, constraints=cons,
                                      estimator=tt_estimators(topology, cons, **(estimator_kwargs or {})))
     planner_kwargs.setdefault("stats", [EmbeddingStats(), TTStats()])

@@ -64,6 +64,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from ..config import TTEmbeddingBagConfig
 from ..in_backward import resolve_tt_config
+from .mean_pooling_guard import check_mean_pooling_plan
 from ..modules.tt_embedding_bag import TTEmbeddingBag
 from ..modules.tt_embedding_bag_collection import (
     TTEmbeddingBagCollection,
@@ -173,6 +174,7 @@ class ShardedTTEmbeddingBagCollection(ShardedModule[Any, Any, KeyedTensor, Any],
             missing = self._dense_names - set(dense_plan)
             if missing:
                 raise ValueError(f"no sharding plan for dense table(s) {sorted(missing)}")
+            check_mean_pooling_plan(module.dense_configs(), dense_plan, append_prefix(module_fqn or "", "dense"))
             self.dense = dense_sharder.shard(module.dense, dense_plan, env, device,
                                              append_prefix(module_fqn or "", "dense"))
         self._dense_features = list(dict.fromkeys(f for t, f, _ in self._features if t in self._dense_names))
@@ -447,7 +449,7 @@ class TTEmbeddingBagCollectionSharder(ModuleSharder[TTEmbeddingBagCollection]):
                                           requires_grad=False)
         return params
 
-    def _dense_sharding_types(self, compute_device_type: str) -> List[str]:
+    def dense_sharding_types(self, compute_device_type: str) -> List[str]:
         types = list(self._dense_sharder.sharding_types(compute_device_type))
         # TorchRec 1.8.0 lists row_wise for cuda only, but its CPU/gloo row-wise path works
         # (tests/test_distributed.py); offer it so CPU runs can exercise it.
@@ -456,12 +458,12 @@ class TTEmbeddingBagCollectionSharder(ModuleSharder[TTEmbeddingBagCollection]):
         return types
 
     def sharding_types(self, compute_device_type: str) -> List[str]:
-        types = self._dense_sharding_types(compute_device_type)
+        types = self.dense_sharding_types(compute_device_type)
         return types + [t for t in TT_SHARDING_TYPES if t not in types]
 
     def compute_kernels(self, sharding_type: str, compute_device_type: str) -> List[str]:
         kernels: List[str] = []
-        if sharding_type in self._dense_sharding_types(compute_device_type):
+        if sharding_type in self.dense_sharding_types(compute_device_type):
             kernels += self._dense_sharder.compute_kernels(sharding_type, compute_device_type)
         if sharding_type in TT_SHARDING_TYPES:
             kernels.append(TT_COMPUTE_KERNEL)

@@ -1,6 +1,7 @@
 """``TTEmbeddingBagCollection``: ``torchrec.EmbeddingBagCollection`` with TT-compressed tables mixed in."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -11,6 +12,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from .. import ops
 from ..config import TTEmbeddingBagConfig
+from ..decomposition import tt_svd
 from ..in_backward import mark_fused_in_backward
 from .tt_embedding_bag import TTEmbeddingBag
 
@@ -31,6 +33,18 @@ def tt_module_from_config(config: TTEmbeddingBagConfig, device: Optional[torch.d
         dtype=config.core_dtype(), **config.cache_kwargs())
     mark_in_backward(table)
     return table
+
+
+def _tt_svd_config(config: TTEmbeddingBagConfig, weight: torch.Tensor
+                   ) -> Tuple[TTEmbeddingBagConfig, List[torch.Tensor], float]:
+    """TT-SVD of ``weight`` at ``config``'s shapes: the config with the ranks the data kept, the cores (in
+    ``config``'s dtype) and the relative error."""
+    shapes = tt_module_from_config(config, torch.device("meta"))  # the shapes the config resolves to
+    cores, error = tt_svd(weight.detach().float(), shapes.p_shapes, shapes.q_shapes, shapes.ranks[1:-1])
+    ranks = [int(c.shape[3]) for c in cores[:-1]]
+    config = dataclasses.replace(config, tt_ranks=ranks, tt_p_shapes=list(shapes.p_shapes),
+                                 tt_q_shapes=list(shapes.q_shapes))
+    return config, [c.to(config.core_dtype()) for c in cores], error
 
 
 def lookup_feature(table: TTEmbeddingBag, feature, weighted: bool) -> torch.Tensor:
@@ -183,6 +197,48 @@ class TTEmbeddingBagCollection(nn.Module):
         for t, child_names in zip(dense, get_embedding_names_by_table(dense)):
             ours = [e for tn, _, e in self._features if tn == t.name]
             self._dense_key_map.update(zip(child_names, ours))
+
+    @classmethod
+    @torch.no_grad()
+    def from_dense(cls, tables: List[EmbeddingBagConfig], weights: Dict[str, torch.Tensor],
+                   device: Optional[Union[str, torch.device]] = None,
+                   is_weighted: bool = False) -> "TTEmbeddingBagCollection":
+        """A collection of ``tables`` warm-started from dense ``[N, D]`` weights by table name, e.g. a trained
+        EBC's ``{t.name: ebc.embedding_bags[t.name].weight for t in ebc.embedding_bag_configs()}`` with
+        ``tables`` from ``torchrec_tt.planner.choose_compression``: TT tables by TT-SVD at their shapes,
+        dense ones copied. A TT table's ranks are the requested ones clipped to what its data needs (the
+        configs in ``embedding_bag_configs()`` say which, so sharding rebuilds the same shapes);
+        ``reconstruction_errors()`` gives ``||W - W_tt||_F / ||W||_F`` per TT table."""
+        names = {t.name for t in tables}
+        unknown = sorted(set(weights) - names)
+        if unknown:
+            raise ValueError(f"weights given for unknown table(s) {unknown}; tables are {sorted(names)}")
+        for t in tables:
+            w = weights.get(t.name)
+            if w is None:
+                raise ValueError(f"table '{t.name}': no dense weight given")
+            if tuple(w.shape) != (t.num_embeddings, t.embedding_dim) or not w.is_floating_point():
+                raise ValueError(f"table '{t.name}': weight must be a float [{t.num_embeddings}, {t.embedding_dim}] "
+                                 f"tensor, got {w.dtype} {list(w.shape)}")
+            if not bool(torch.isfinite(w).all()):
+                raise ValueError(f"table '{t.name}': weight has NaN or infinite values")
+        decomposed = {t.name: _tt_svd_config(t, weights[t.name]) for t in tables if isinstance(t, TTEmbeddingBagConfig)}
+        module = cls([decomposed[t.name][0] if t.name in decomposed else t for t in tables], device=device,
+                     is_weighted=is_weighted)
+        for name, (_, cores, error) in decomposed.items():
+            table = module.tt_tables[name]
+            for core, value in zip(table.cores, cores):
+                core.copy_(value)
+            table.reconstruction_error = error
+            if table.cache is not None:  # its rows came from the random init
+                table.cache.reset()
+        for t in module.dense_configs():
+            module.dense.embedding_bags[t.name].weight.copy_(weights[t.name])
+        return module
+
+    def reconstruction_errors(self) -> Dict[str, float]:
+        """``||W - W_tt||_F / ||W||_F`` of the TT tables made by ``from_dense``."""
+        return {n: t.reconstruction_error for n, t in self.tt_tables.items() if hasattr(t, "reconstruction_error")}
 
     # ---- EBC contract ------------------------------------------------------------------------------
 

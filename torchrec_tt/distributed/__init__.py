@@ -1,4 +1,5 @@
 """TorchRec sharding for ``TTEmbeddingBagCollection``: sharder, sharded module, planning helpers."""
+from .mean_pooling_guard import MeanPoolingCheckedEBCSharder
 from .planning import get_sharders_and_planner, shard_model, tt_constraints
 from .tt_embedding_bag_collection import (
     TT_COMPUTE_KERNEL,
@@ -7,5 +8,5 @@ from .tt_embedding_bag_collection import (
     TTEmbeddingBagCollectionSharder,
 )
 
-__all__ = ["TT_COMPUTE_KERNEL", "TT_SHARDING_TYPES", "ShardedTTEmbeddingBagCollection",
+__all__ = ["MeanPoolingCheckedEBCSharder", "TT_COMPUTE_KERNEL", "TT_SHARDING_TYPES", "ShardedTTEmbeddingBagCollection",
            "TTEmbeddingBagCollectionSharder", "get_sharders_and_planner", "shard_model", "tt_constraints"]

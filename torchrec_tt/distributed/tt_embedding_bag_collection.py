@@ -16,7 +16,8 @@
     ``state_dict`` the cores (and fused optimizer state) are ``ShardedTensor`` s with one shard on the
     owner, under the unsharded FQNs, so ``torch.distributed.checkpoint`` saves/loads them.
 
-Fused-optimizer TT tables show up in ``fused_optimizer`` (a ``KeyedOptimizer`` whose ``step`` is a
+Fused-optimizer TT tables (their config's optimizer, or TorchRec's ``apply_optimizer_in_backward`` on their
+cores: ``torchrec_tt.in_backward``) show up in ``fused_optimizer`` (a ``KeyedOptimizer`` whose ``step`` is a
 no-op: the update happens in backward), combined with the dense child's fused optimizer, so
 ``dmp.fused_optimizer`` covers both.
 
@@ -64,7 +65,6 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from ..config import TTEmbeddingBagConfig
 from ..in_backward import resolve_tt_config
-from .mean_pooling_guard import check_mean_pooling_plan
 from ..modules.tt_embedding_bag import TTEmbeddingBag
 from ..modules.tt_embedding_bag_collection import (
     TTEmbeddingBagCollection,
@@ -74,6 +74,7 @@ from ..modules.tt_embedding_bag_collection import (
     tt_module_from_config,
     _select,
 )
+from .mean_pooling_guard import check_mean_pooling_plan
 
 __all__ = ["TT_COMPUTE_KERNEL", "TT_SHARDING_TYPES", "ShardedTTEmbeddingBagCollection", "TTCollectionContext",
            "TTEmbeddingBagCollectionSharder"]

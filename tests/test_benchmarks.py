@@ -58,3 +58,11 @@ def test_kernel_step_script_dry_run(on_cpu, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["step", "--device", "cpu", "--config", "tiny", "--warmup", "1"])
     assert cuda_kernel_step.main() == 0
     assert "one step of config tiny (192 ids) done" in capsys.readouterr().out
+
+
+def test_tt_svd_benchmark_dry_run(monkeypatch, capsys):
+    import benchmark_tt_svd
+    monkeypatch.setattr(sys, "argv", ["svd", "--rows", "3000", "--rank", "4", "--rounds", "1", "--threads", "1"])
+    assert benchmark_tt_svd.main() == 0
+    out = capsys.readouterr().out
+    assert "error by blocks of GEMMs" in out and "per-row rebuild" in out

@@ -1,5 +1,4 @@
 """TTEmbeddingBagCollection.from_dense: a trained dense collection's weights into TT tables by TT-SVD."""
-import copy
 import os
 import sys
 
@@ -100,20 +99,12 @@ def test_bad_weights_name_the_table(weights, match):
 
 
 def _sharded(rank, world):
-    import torch.distributed as dist
-    from torchrec.distributed.model_parallel import DistributedModelParallel
-    from torchrec.distributed.planner.types import ParameterConstraints
-    from torchrec_tt.distributed import get_sharders_and_planner
+    from test_distributed import build
     from torchrec_tt.modules.tt_embedding_bag_collection import TTEmbeddingBagCollection
     tables = configs(rank=8)
     model = TTEmbeddingBagCollection.from_dense(tables, {"a": torch.randn(30, 4, generator=torch.Generator().manual_seed(1)),
                                                          "b": low_rank_weight(3)})
-    ref = copy.deepcopy(model)
-    cons = {"a": ParameterConstraints(sharding_types=["table_wise"]), "b": ParameterConstraints(sharding_types=["table_wise"])}
-    sharders, planner = get_sharders_and_planner(model, world, 6, constraints=cons)
-    plan = planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
-    dmp = DistributedModelParallel(model, device=torch.device("cpu"), plan=plan, sharders=sharders)
-    dmp.load_state_dict(ref.state_dict())
+    _, ref, dmp, _ = build(rank, world, tables=tables, model=model, constraints={"a": "table_wise", "b": "table_wise"})
     kjt = random_kjt(tables, 6, rank, 0, 5)
     torch.testing.assert_close(dmp(kjt).values(), ref(kjt).values(), rtol=1e-5, atol=1e-6)
     return True

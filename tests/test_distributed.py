@@ -53,9 +53,10 @@ def loss_fn(kt):
     return ((kt.values() - target) ** 2).sum(dim=1).mean()
 
 
-def build(rank, world, seed=0, plan=None, tables=None, constraints=None, weighted=False, wrap=None):
-    """``tables`` (default ``make_tables()``) as a collection, optionally wrapped by ``wrap``, sharded under
-    ``constraints`` (default CONSTRAINTS); returns the tables, an unsharded copy, the DMP and the plan."""
+def build(rank, world, seed=0, plan=None, tables=None, constraints=None, weighted=False, wrap=None, model=None):
+    """``tables`` (default ``make_tables()``) as a collection (or ``model``, built already), optionally wrapped
+    by ``wrap``, sharded under ``constraints`` (default CONSTRAINTS); returns the tables, an unsharded copy,
+    the DMP and the plan."""
     import torch.distributed as dist
     from torchrec.distributed.model_parallel import DistributedModelParallel
     from torchrec.distributed.planner.types import ParameterConstraints
@@ -64,7 +65,7 @@ def build(rank, world, seed=0, plan=None, tables=None, constraints=None, weighte
     from torchrec_tt.modules.tt_embedding_bag_collection import TTEmbeddingBagCollection
     torch.manual_seed(seed)
     tables = tables or make_tables()
-    model = TTEmbeddingBagCollection(tables, is_weighted=weighted)
+    model = model if model is not None else TTEmbeddingBagCollection(tables, is_weighted=weighted)
     model = wrap(model) if wrap is not None else model
     ref = copy.deepcopy(model)
     cons = {n: ParameterConstraints(sharding_types=[s]) for n, s in (constraints or CONSTRAINTS).items()}

@@ -123,8 +123,8 @@ def in_backward_optimizer(name: str, table: TTEmbeddingBag) -> Optional[FusedOpt
     unsupported = {k: v for k, v in kw.items() if k not in _NEUTRAL or v != _NEUTRAL[k]}
     if unsupported:
         raise ValueError(f"table '{name}': the TT kernels' fused {getattr(fused, 'name', fused)} cannot apply "
-                         f"{unsupported} "
-                         f"(from apply_optimizer_in_backward({cls.__name__}, ...)); they take lr and eps only")
+                         f"{unsupported} (from apply_optimizer_in_backward({cls.__name__}, ...)); they take lr "
+                         "and eps only")
     try:
         return FusedOptimizerConfig(fused, **args)
     except ValueError as e:  # an FBGEMM optimizer without a TT kernel, a negative rate, ...

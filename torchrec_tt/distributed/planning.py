@@ -27,27 +27,32 @@ from .tt_embedding_bag_collection import TT_COMPUTE_KERNEL, TT_SHARDING_TYPES, T
 __all__ = ["get_sharders_and_planner", "shard_model", "tt_constraints"]
 
 
+def _collections(model: nn.Module) -> List[Tuple[str, nn.Module]]:
+    """``(path, module)`` of the model's TT collections and of its stock EBCs that are not a TT collection's
+    dense child (TorchRec shards that child as part of its parent)."""
+    children = {id(m.dense) for m in model.modules() if isinstance(m, TTEmbeddingBagCollection)}
+    return [(path, m) for path, m in model.named_modules()
+            if isinstance(m, TTEmbeddingBagCollection)
+            or (isinstance(m, EmbeddingBagCollection) and id(m) not in children)]
+
+
 def _tables(model_or_tables: Union[nn.Module, Sequence[EmbeddingBagConfig]]) -> List[EmbeddingBagConfig]:
     """The model's table configs, TT ones with the fused optimizer they train with (their own or
     ``apply_optimizer_in_backward``'s: such tables are placed table-wise)."""
-    if isinstance(model_or_tables, nn.Module):
-        out: List[EmbeddingBagConfig] = []
-        for path, m in model_or_tables.named_modules():
-            if isinstance(m, TTEmbeddingBagCollection):
-                out.extend(resolve_tt_config(t, m.tt_tables[t.name]) if isinstance(t, TTEmbeddingBagConfig)
-                           else t for t in m.embedding_bag_configs())
-            elif isinstance(m, EmbeddingBagCollection) and not any(
-                    m is getattr(p, "dense", None) for p in model_or_tables.modules()
-                    if isinstance(p, TTEmbeddingBagCollection)):
-                for t in m.embedding_bag_configs():
-                    if isinstance(t, TTEmbeddingBagConfig):  # the stock EBC reads it as a plain config
-                        raise ValueError(
-                            f"table '{t.name}': a TTEmbeddingBagConfig in torchrec's EmbeddingBagCollection "
-                            f"(module '{path}') is stored dense ({t.num_embeddings} x {t.embedding_dim}); "
-                            "build that collection as a TTEmbeddingBagCollection")
-                out.extend(m.embedding_bag_configs())
-        return out
-    return list(model_or_tables)
+    if not isinstance(model_or_tables, nn.Module):
+        return list(model_or_tables)
+    out: List[EmbeddingBagConfig] = []
+    for path, m in _collections(model_or_tables):
+        for t in m.embedding_bag_configs():
+            if isinstance(m, TTEmbeddingBagCollection) and isinstance(t, TTEmbeddingBagConfig):
+                t = resolve_tt_config(t, m.tt_tables[t.name])
+            elif isinstance(t, TTEmbeddingBagConfig):  # the stock EBC reads it as a plain config
+                raise ValueError(
+                    f"table '{t.name}': a TTEmbeddingBagConfig in torchrec's EmbeddingBagCollection "
+                    f"(module '{path}') is stored dense ({t.num_embeddings} x {t.embedding_dim}); "
+                    "build that collection as a TTEmbeddingBagCollection")
+            out.append(t)
+    return out
 
 
 def _dense_groups(model_or_tables: Union[nn.Module, Sequence[EmbeddingBagConfig]]) -> List[List[EmbeddingBagConfig]]:
@@ -55,15 +60,8 @@ def _dense_groups(model_or_tables: Union[nn.Module, Sequence[EmbeddingBagConfig]
     a stock EBC); a table list counts as one collection."""
     if not isinstance(model_or_tables, nn.Module):
         return [[t for t in model_or_tables if not isinstance(t, TTEmbeddingBagConfig)]]
-    groups = []
-    for m in model_or_tables.modules():
-        if isinstance(m, TTEmbeddingBagCollection):
-            groups.append(m.dense_configs())
-        elif isinstance(m, EmbeddingBagCollection) and not any(
-                m is getattr(p, "dense", None) for p in model_or_tables.modules()
-                if isinstance(p, TTEmbeddingBagCollection)):
-            groups.append(list(m.embedding_bag_configs()))
-    return groups
+    return [m.dense_configs() if isinstance(m, TTEmbeddingBagCollection) else list(m.embedding_bag_configs())
+            for _, m in _collections(model_or_tables)]
 
 
 def tt_constraints(tables: Sequence[EmbeddingBagConfig], world_size: int,

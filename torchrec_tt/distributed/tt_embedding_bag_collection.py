@@ -175,6 +175,7 @@ class ShardedTTEmbeddingBagCollection(ShardedModule[Any, Any, KeyedTensor, Any],
             missing = self._dense_names - set(dense_plan)
             if missing:
                 raise ValueError(f"no sharding plan for dense table(s) {sorted(missing)}")
+            # here too, not only in MeanPoolingCheckedEBCSharder: the dense sharder may be a plain one
             check_mean_pooling_plan(module.dense_configs(), dense_plan, append_prefix(module_fqn or "", "dense"))
             self.dense = dense_sharder.shard(module.dense, dense_plan, env, device,
                                              append_prefix(module_fqn or "", "dense"))

@@ -232,18 +232,25 @@ __global__ void child_grad_kernel(Plan pl, LevelArgs a, int chunk, const T* __re
 
 // child_grad_kernel for levels with a long reduction (nk >= 32) and wide ranks (rk >= 16), where its
 // 4 x 4 tiles leave most threads idle (config (b), level 1: 8 tiles per node, 88 per 256 threads).
-// One block per digit stages the slice transposed (nk rows of rk, odd stride); each warp takes one
-// node at a time, lane l computing columns t = l, l + 32, ... of up to 4 rows: per c, the 4 dP_k
-// values are broadcast loads (same address in every lane) and the slice value a conflict-free
-// shared load. Each output is summed over c in ascending order, as in child_grad_kernel.
+// `splits` blocks per digit (block b: digit b / splits) each stage the slice transposed (nk rows of
+// rk, odd stride) and take every splits-th run of a digit's nodes. (One block per digit gave (b)'s
+// level 1 only 220 blocks of 8 warps for ~10,000 nodes; splitting them measured 3-10 % faster on an
+// H200 (session 14: (b) 69.3 -> 67.0 us, (a) 17.2 -> 15.4), so occupancy is not what bounds this
+// kernel.) Each warp takes one node at a time, lane l computing columns t = l, l + 32, ... of up to
+// 4 rows: per c, the 4 dP_k values are broadcast loads (same address in every lane) and the slice
+// value a conflict-free shared load. Each output is summed over c in ascending order, as in
+// child_grad_kernel, by one warp: the split changes no result.
 constexpr int kChildRows = 4;
 
 template <typename T>
-__global__ void child_grad_warp_kernel(Plan pl, LevelArgs a, const T* __restrict__ core, float* __restrict__ dchild) {
+__global__ void child_grad_warp_kernel(Plan pl, LevelArgs a, int splits, const T* __restrict__ core,
+                                       float* __restrict__ dchild) {
   extern __shared__ float g_t[];
-  const int v = blockIdx.x;
-  const int s = a.seg_start[v], e = a.seg_end[v];
-  if (s >= e) return;  // block-uniform
+  const int v = static_cast<int>(blockIdx.x) / splits;
+  const int part = static_cast<int>(blockIdx.x) - v * splits;
+  const int warps = blockDim.x / kWarp;
+  const int s = a.seg_start[v] + part * warps, e = a.seg_end[v];
+  if (s >= e) return;  // block-uniform: no node of this digit for this block
   const int nk = a.nk, rk = a.rk, ld = odd_stride(rk);
   const T* G = core + int64_t(v) * rk * nk;
   for (int x = threadIdx.x; x < rk * nk; x += blockDim.x) {  // G[t][c] -> g_t[c][t], coalesced reads
@@ -251,9 +258,9 @@ __global__ void child_grad_warp_kernel(Plan pl, LevelArgs a, const T* __restrict
     g_t[(x - t * nk) * ld + t] = to_f(G[x]);
   }
   __syncthreads();
-  const int lane = threadIdx.x % kWarp, warps = blockDim.x / kWarp;
+  const int lane = threadIdx.x % kWarp;
   const int s_k = a.m_prev * nk;
-  for (int o = s + static_cast<int>(threadIdx.x) / kWarp; o < e; o += warps) {
+  for (int o = s + static_cast<int>(threadIdx.x) / kWarp; o < e; o += warps * splits) {
     const int j = a.order[o];
     const float* dp = a.dp + int64_t(j) * s_k;
     float* out = dchild + int64_t(j) * a.m_prev * rk;
@@ -307,35 +314,53 @@ __global__ void dprev_reduce_kernel(Plan pl, int k, const float* __restrict__ dc
 }
 
 // dP_{k-1}[jp] (m_prev x rk) = sum over the children j of jp (in node order) of dP_k[j] (m_prev x nk) @
-// G_k[digit_j]^T (nk x rk) in one pass, one thread per output element, for levels with short slices
-// and few children per parent (fused_parent_grad, tt_workspace.cuh). There the digit-grouped kernels
-// above share little (a slice of rk x nk floats, L1-resident) but write, then dprev_reduce_kernel
-// re-reads, a share of m_prev x rk floats per child: (b)'s last level, 16 x 32 floats per 16 x 4 of dP_k.
-// Each share is summed over c in ascending order and the shares are added in child order: the same
-// floating-point operations, in the same order, as those kernels (bitwise-equal results). Reads core k:
-// runs before slice_grad_kernel updates it.
+// G_k[digit_j]^T (nk x rk) in one pass, for levels with short slices and few children per parent
+// (fused_parent_grad, tt_workspace.cuh). There the digit-grouped kernels above share little (a slice
+// of rk x nk floats, L1-resident) but write, then dprev_reduce_kernel re-reads, a share of m_prev x rk
+// floats per child: (b)'s last level, 16 x 32 floats per 16 x 4 of dP_k. One thread per column t and
+// run of kParentRows rows (lanes of a warp: consecutive t, dP_k loads broadcast): the chain of
+// dependent loads to a child's slice (first, incl, digit) and each slice value serve kParentRows
+// outputs instead of one. Each share is summed over c in ascending order and the shares are added in
+// child order: the same floating-point operations, in the same order, as those kernels (bitwise-equal
+// results). Reads core k: runs before slice_grad_kernel updates it.
+constexpr int kParentRows = 4;
+
 template <typename T>
 __global__ void parent_grad_kernel(Plan pl, int k, int m_prev, int rk, int nk, const T* __restrict__ core,
                                    const float* __restrict__ dp, float* __restrict__ dprev, int64_t bound_prev) {
   const int64_t cnt = level_count(pl, k - 1);
-  const int per_node = m_prev * rk;
+  const int runs = (m_prev + kParentRows - 1) / kParentRows;
+  const int per_node = runs * rk;  // threads per parent node
   const int64_t total = (cnt < bound_prev ? cnt : bound_prev) * per_node;
   const int64_t slice = int64_t(rk) * nk;
   for (int64_t q = grid_start(); q < total; q += grid_stride()) {
     const int64_t jp = q / per_node;
     const int r = static_cast<int>(q - jp * per_node);
-    const int am = r / rk, t = r - am * rk;  // lanes of a warp: consecutive t, mostly one am (dP_k broadcast)
+    const int run = r / rk, t = r - run * rk;
+    const int am0 = run * kParentRows;
+    const int rows = m_prev - am0 < kParentRows ? m_prev - am0 : kParentRows;
     int c0, c1;
     children_of(pl, k, jp, c0, c1);
-    float acc = 0.f;
+    float acc[kParentRows] = {};
     for (int j = c0; j < c1; ++j) {
-      const float* drow = dp + (int64_t(j) * m_prev + am) * nk;
+      const float* drow = dp + (int64_t(j) * m_prev + am0) * nk;
       const T* g = core + pl.digit[k][j] * slice + int64_t(t) * nk;
-      float share = 0.f;
-      for (int c = 0; c < nk; ++c) share += __ldg(drow + c) * to_f(g[c]);
-      acc += share;
+      float share[kParentRows] = {};
+      for (int c = 0; c < nk; ++c) {
+        const float gv = to_f(g[c]);
+#pragma unroll
+        for (int i = 0; i < kParentRows; ++i) {
+          if (i < rows) share[i] += __ldg(drow + i * nk + c) * gv;
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < kParentRows; ++i) acc[i] += share[i];
     }
-    dprev[q] = acc;
+    float* out = dprev + (jp * m_prev + am0) * rk + t;
+#pragma unroll
+    for (int i = 0; i < kParentRows; ++i) {
+      if (i < rows) out[int64_t(i) * rk] = acc[i];
+    }
   }
 }
 

@@ -194,15 +194,16 @@ cudaError_t backward_level(const TTDims& t, const Sizes& sz, int k, const Plan& 
   a.dp = d_cur;
   const unsigned digits = static_cast<unsigned>(t.p[k]);
   if (k > 0 && fused_parent_grad(t, sz, k)) {  // dP_{k-1} in one pass (reads core k before its update below)
-    const int per_node = m_prev * rk;
-    parent_grad_kernel<T><<<grid_for(sz.bound[k - 1] * per_node, kFlatBlock), kFlatBlock, 0, stream>>>(
+    const int threads_per_node = (m_prev + kParentRows - 1) / kParentRows * rk;
+    parent_grad_kernel<T><<<grid_for(sz.bound[k - 1] * threads_per_node, kFlatBlock), kFlatBlock, 0, stream>>>(
         pl, k, m_prev, rk, nk, core, d_cur, d_prev, sz.bound[k - 1]);
     TT_LAUNCHED();
   } else if (k > 0) {  // dP_{k-1} by digit, then reduced: the last read of core k, before its update below
     const int64_t transposed_bytes = int64_t(sizeof(float)) * nk * odd_stride(rk);
     if (nk >= 32 && rk >= 16 && transposed_bytes <= kStageBytes) {  // long reductions, wide ranks
-      child_grad_warp_kernel<T><<<digits, kWarpBlock, static_cast<size_t>(transposed_bytes), stream>>>(pl, a, core,
-                                                                                                    gw.dchild);
+      const unsigned splits = child_splits(sz.bound[k], digits);
+      child_grad_warp_kernel<T><<<digits * splits, kWarpBlock, static_cast<size_t>(transposed_bytes), stream>>>(
+          pl, a, static_cast<int>(splits), core, gw.dchild);
     } else {
       const int64_t slice_bytes = int64_t(sizeof(float)) * rk * odd_stride(nk);
       const int chunk = chunk_for(slice_bytes, int64_t(sizeof(float)) * m_prev * nk);

@@ -26,6 +26,17 @@ int threads_for(int64_t outputs) {
   return static_cast<int>(t < kWarp ? kWarp : (t > 256 ? 256 : t));
 }
 
+// Blocks per digit of child_grad_warp_kernel: about a node per warp if the level's B_k nodes fall
+// evenly on its digits (fewer where they do not: the blocks without a node return at once), at most
+// kMaxChildSplits (each block stages the digit's slice).
+constexpr int64_t kMaxChildSplits = 8;
+unsigned child_splits(int64_t level_bound, unsigned digits) {
+  const int64_t warps = kWarpBlock / kWarp;
+  const int64_t per_digit = (level_bound + digits - 1) / digits;
+  const int64_t s = (per_digit + warps - 1) / warps;
+  return static_cast<unsigned>(s < 1 ? 1 : (s > kMaxChildSplits ? kMaxChildSplits : s));
+}
+
 unsigned grid_for(int64_t items, int64_t per_block) {
   int64_t g = (items + per_block - 1) / per_block;
   g = g < 1 ? 1 : (g > kMaxGrid ? kMaxGrid : g);

@@ -232,3 +232,38 @@ def test_half_data_type_tables_train_on_cpu(data_type, weighted):
     for a, b in zip(half.tt_tables["u"].cores, full.tt_tables["u"].cores):
         assert a.dtype == out_half.dtype
         torch.testing.assert_close(a.float(), b.detach(), rtol=tol, atol=tol)
+
+
+def test_fx_tracing_as_a_leaf_module():
+    """TorchRec's fx tracer: tracing through a TT collection is refused with the way out (the leaf
+    module); traced as a leaf, the graph module computes what the eager model does, gradients too."""
+    import torchrec.fx
+
+    tables = make_tables()
+    torch.manual_seed(0)
+    ebc = TTEmbeddingBagCollection(tables)
+    width = sum(t.embedding_dim * len(t.feature_names) for t in tables)
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ebc, self.out = ebc, torch.nn.Linear(width, 1)
+
+        def forward(self, kjt):
+            return self.out(self.ebc(kjt).values())
+
+    model = Model()
+    with pytest.raises(TypeError, match=r"leaf_modules=\['TTEmbeddingBagCollection'\]"):
+        torchrec.fx.symbolic_trace(model)
+    traced = torchrec.fx.symbolic_trace(model, leaf_modules=["TTEmbeddingBagCollection"])
+    assert any(n.op == "call_module" and n.target == "ebc" for n in traced.graph.nodes)
+    kjt = random_kjt(tables, 3, False, torch.Generator().manual_seed(1))
+    eager = model(kjt)
+    eager.sum().backward()
+    eager_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    out = traced(kjt)
+    out.sum().backward()
+    torch.testing.assert_close(out, eager, rtol=0, atol=0)
+    for p, g in zip(traced.parameters(), eager_grads):
+        torch.testing.assert_close(p.grad, g, rtol=0, atol=0)

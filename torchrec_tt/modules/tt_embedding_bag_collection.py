@@ -71,6 +71,10 @@ def check_kjt(features: KeyedJaggedTensor, feature_names: Sequence[str], is_weig
     where ``fatal`` (TT tables in warn/ignore mode drop bad ids in the op instead), and neither ids nor
     weights (NaN / infinity) at all for features missing from it (the TT op checks its own).
     """
+    if isinstance(features, torch.fx.Proxy):  # its ids are checked and its tables looked up in Python
+        raise TypeError("TT collections cannot be traced symbolically by torch.fx: trace them as leaf modules, "
+                        "torchrec.fx.symbolic_trace(model, leaf_modules=['TTEmbeddingBagCollection']), or use "
+                        "torch.export (examples/dlrm/export.py)")
     if not isinstance(features, KeyedJaggedTensor):
         raise TypeError(f"expected a KeyedJaggedTensor, got {type(features).__name__}")
     keys = features.keys()

@@ -267,3 +267,30 @@ def test_fx_tracing_as_a_leaf_module():
     torch.testing.assert_close(out, eager, rtol=0, atol=0)
     for p, g in zip(traced.parameters(), eager_grads):
         torch.testing.assert_close(p.grad, g, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_empty_batch_gives_no_rows_and_changes_nothing(weighted):
+    """A KJT of no bags (batch size 0; torchrec's own EBC fails on it in KJT.to_dict): [0, width] out,
+    keys as for any batch, and a backward through it leaves every table (fused, cached) as it was."""
+    tables = make_tables(optimizer="sgd")
+    tables.append(TTEmbeddingBagConfig(name="t2", embedding_dim=4, num_embeddings=500, feature_names=["f5"],
+                                       tt_ranks=2, optimizer="rowwise_adagrad", cache_fraction=0.05))
+    torch.manual_seed(0)
+    model = TTEmbeddingBagCollection(tables, is_weighted=weighted)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    keys = [f for t in tables for f in t.feature_names]
+    empty = KeyedJaggedTensor.from_lengths_sync(keys=keys, values=torch.zeros(0, dtype=torch.long),
+                                                lengths=torch.zeros(0, dtype=torch.long),
+                                                weights=torch.zeros(0) if weighted else None)
+    out = model(empty)
+    width = sum(t.embedding_dim * len(t.feature_names) for t in tables)
+    assert out.values().shape == (0, width) and out.values().dtype == torch.float32
+    assert out.keys() == model.embedding_names()
+    out.values().sum().backward()
+    for k, v in model.state_dict().items():
+        if not k.endswith("cache.counters"):  # (the cache counts the batch as a training step)
+            torch.testing.assert_close(v, before[k], rtol=0, atol=0, msg=k)
+    # the next real batch still works
+    batch = random_kjt(tables, 2, weighted, torch.Generator().manual_seed(2))
+    assert model(batch).values().shape == (2, width)

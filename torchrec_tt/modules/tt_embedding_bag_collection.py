@@ -301,6 +301,8 @@ class TTEmbeddingBagCollection(nn.Module):
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         check_kjt(features, self._feature_names, self._is_weighted, self.bounds(include_tt=False))
+        if features.stride() == 0:  # no bags: torchrec's KJT.to_dict (so its EBC too) fails on these
+            return self._empty_batch(features.values())
         jt = features.to_dict()
         pooled: Dict[str, torch.Tensor] = {}
         if self.dense is not None:
@@ -311,6 +313,20 @@ class TTEmbeddingBagCollection(nn.Module):
             if table_name in self._dense_names:
                 continue
             pooled[key] = lookup_feature(self.tt_tables[table_name], jt[feature], self._is_weighted)
+        return KeyedTensor(keys=list(self._embedding_names),
+                           values=torch.cat([pooled[k] for k in self._embedding_names], dim=1),
+                           length_per_key=list(self._length_per_key))
+
+    def _empty_batch(self, ids: torch.Tensor) -> KeyedTensor:
+        """The output of a batch of no bags: ``[0, sum of dims]``, in the dtype a batch would have."""
+        no_bags = torch.zeros(1, dtype=ids.dtype, device=ids.device)
+        pooled: Dict[str, torch.Tensor] = {}
+        for table_name, _, key in self._features:
+            if table_name in self._dense_names:
+                weight = self.dense.embedding_bags[table_name].weight
+                pooled[key] = weight.new_empty(0, weight.shape[1])
+            else:
+                pooled[key] = self.tt_tables[table_name](ids, no_bags)
         return KeyedTensor(keys=list(self._embedding_names),
                            values=torch.cat([pooled[k] for k in self._embedding_names], dim=1),
                            length_per_key=list(self._length_per_key))

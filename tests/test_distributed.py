@@ -335,6 +335,8 @@ def _bad_inputs(rank, world):
                                                        lengths=torch.zeros(BATCH * (len(keys) - 1), dtype=torch.long)),
         "lengths": KeyedJaggedTensor(keys=keys, values=torch.cat([good.values(), torch.tensor([0])]),
                                      lengths=good.lengths()),
+        "no_bags": KeyedJaggedTensor.from_lengths_sync(keys=keys, values=good.values()[:0],
+                                                       lengths=torch.zeros(0, dtype=torch.long)),
     }
     for feature, n in [("f3", 64), ("f0", 20)]:  # a table-wise TT table owned by one rank; a dense table
         lengths = torch.ones(len(keys) * BATCH, dtype=torch.long)
@@ -359,3 +361,4 @@ def test_bad_input_fails_on_every_rank():
         assert "lengths sum to" in messages["lengths"]
         assert "t_tw" in messages["range_f3"] and "64" in messages["range_f3"]
         assert "d_tw" in messages["range_f0"]
+        assert "no bags (batch size 0)" in messages["no_bags"]

@@ -343,6 +343,9 @@ class ShardedTTEmbeddingBagCollection(ShardedModule[Any, Any, KeyedTensor, Any],
 
     def input_dist(self, ctx: "TTCollectionContext", features: KeyedJaggedTensor) -> KJTListSplitsAwaitable:
         check_kjt(features, self._feature_names, self._is_weighted, self._bounds)
+        if features.stride() == 0:  # before any collective; torchrec's KJT.to_dict fails on it
+            raise ValueError("a KeyedJaggedTensor of no bags (batch size 0) cannot go through the sharded TT "
+                             "collection (TorchRec's KJT splits fail on it): skip empty batches")
         ctx.batch = features.stride()
         awaitables: List[Any] = []
         if self.dense is not None:

@@ -325,12 +325,16 @@ __global__ void dprev_reduce_kernel(Plan pl, int k, const float* __restrict__ dc
 // results). Reads core k: runs before slice_grad_kernel updates it.
 constexpr int kParentRows = 4;
 
+// Threads per parent node of parent_grad_kernel (its launcher sizes the grid with it).
+__host__ __device__ __forceinline__ int parent_grad_threads(int m_prev, int rk) {
+  return (m_prev + kParentRows - 1) / kParentRows * rk;
+}
+
 template <typename T>
 __global__ void parent_grad_kernel(Plan pl, int k, int m_prev, int rk, int nk, const T* __restrict__ core,
                                    const float* __restrict__ dp, float* __restrict__ dprev, int64_t bound_prev) {
   const int64_t cnt = level_count(pl, k - 1);
-  const int runs = (m_prev + kParentRows - 1) / kParentRows;
-  const int per_node = runs * rk;  // threads per parent node
+  const int per_node = parent_grad_threads(m_prev, rk);
   const int64_t total = (cnt < bound_prev ? cnt : bound_prev) * per_node;
   const int64_t slice = int64_t(rk) * nk;
   for (int64_t q = grid_start(); q < total; q += grid_stride()) {

@@ -194,9 +194,9 @@ cudaError_t backward_level(const TTDims& t, const Sizes& sz, int k, const Plan& 
   a.dp = d_cur;
   const unsigned digits = static_cast<unsigned>(t.p[k]);
   if (k > 0 && fused_parent_grad(t, sz, k)) {  // dP_{k-1} in one pass (reads core k before its update below)
-    const int threads_per_node = (m_prev + kParentRows - 1) / kParentRows * rk;
-    parent_grad_kernel<T><<<grid_for(sz.bound[k - 1] * threads_per_node, kFlatBlock), kFlatBlock, 0, stream>>>(
-        pl, k, m_prev, rk, nk, core, d_cur, d_prev, sz.bound[k - 1]);
+    const int64_t threads = sz.bound[k - 1] * parent_grad_threads(m_prev, rk);
+    parent_grad_kernel<T><<<grid_for(threads, kFlatBlock), kFlatBlock, 0, stream>>>(pl, k, m_prev, rk, nk, core, d_cur,
+                                                                                  d_prev, sz.bound[k - 1]);
     TT_LAUNCHED();
   } else if (k > 0) {  // dP_{k-1} by digit, then reduced: the last read of core k, before its update below
     const int64_t transposed_bytes = int64_t(sizeof(float)) * nk * odd_stride(rk);

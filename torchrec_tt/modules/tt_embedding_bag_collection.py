@@ -313,9 +313,7 @@ class TTEmbeddingBagCollection(nn.Module):
             if table_name in self._dense_names:
                 continue
             pooled[key] = lookup_feature(self.tt_tables[table_name], jt[feature], self._is_weighted)
-        return KeyedTensor(keys=list(self._embedding_names),
-                           values=torch.cat([pooled[k] for k in self._embedding_names], dim=1),
-                           length_per_key=list(self._length_per_key))
+        return self._keyed(pooled)
 
     def _empty_batch(self, ids: torch.Tensor) -> KeyedTensor:
         """The output of a batch of no bags: ``[0, sum of dims]``, in the dtype a batch would have."""
@@ -327,6 +325,10 @@ class TTEmbeddingBagCollection(nn.Module):
                 pooled[key] = weight.new_empty(0, weight.shape[1])
             else:
                 pooled[key] = self.tt_tables[table_name](ids, no_bags)
+        return self._keyed(pooled)
+
+    def _keyed(self, pooled: Dict[str, torch.Tensor]) -> KeyedTensor:
+        """The output: each key's pooled ``[B, dim]`` side by side, in declaration order."""
         return KeyedTensor(keys=list(self._embedding_names),
                            values=torch.cat([pooled[k] for k in self._embedding_names], dim=1),
                            length_per_key=list(self._length_per_key))
